@@ -1,0 +1,172 @@
+"""The ``cosyvoice2`` command line.
+
+``cosyvoice2 speak "Hello there." -o hello.wav`` speaks with the default model; ``--model DIR`` takes an
+official CosyVoice2-0.5B directory (or any directory in that layout). Errors we can explain are printed as
+one line and exit with status 2; nothing a user typed should end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import CosyVoiceError
+
+
+def _add_voice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-wav", help="prompt audio to clone (wav/flac/mp3/ogg, 0.5-30 s)")
+    p.add_argument("--prompt-text", help="transcript of the prompt audio (zero-shot); omit for cross-lingual")
+    p.add_argument("--voice", help="a built-in or saved speaker name, or a .voice file")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory (default: the model shipped with cosyvoice2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def _load(args):
+    import torch
+
+    from . import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model)
+
+
+def _resolve_voice(tts, args):
+    if args.prompt_wav and args.voice:
+        raise CosyVoiceError("give either --prompt-wav or --voice, not both")
+    if args.prompt_wav:
+        return tts.voice(args.prompt_wav, text=args.prompt_text)
+    if args.prompt_text:
+        raise CosyVoiceError("--prompt-text needs --prompt-wav")
+    return args.voice
+
+
+def _read_text(args) -> str:
+    if args.file:
+        path = Path(args.file)
+        if str(path) == "-":
+            return sys.stdin.read()
+        if not path.is_file():
+            raise CosyVoiceError(f"text file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    if args.text is None:
+        raise CosyVoiceError("give the text to speak, or --file FILE")
+    return args.text
+
+
+def cmd_speak(args) -> int:
+    import numpy as np
+
+    from .audio import write_audio_atomic
+
+    text = _read_text(args)
+    tts = _load(args)
+    voice = _resolve_voice(tts, args)
+    t0 = time.perf_counter()
+    opts = dict(voice=voice, instruct=args.instruct, speed=args.speed, seed=args.seed)
+    if args.stream:
+        chunks, first = [], None
+        for chunk in tts.stream(text, **opts):
+            if first is None:
+                first = time.perf_counter() - t0
+            chunks.append(chunk)
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    else:
+        first = None
+        audio = tts.synthesize(text, progress=not args.quiet, **opts)
+    elapsed = time.perf_counter() - t0
+    out = write_audio_atomic(args.output, audio, tts.sample_rate)
+    if not args.quiet:
+        dur = len(audio) / tts.sample_rate
+        extra = f", first audio after {first:.2f} s" if first is not None else ""
+        print(f"wrote {out} ({dur:.2f} s of audio in {elapsed:.2f} s, RTF {elapsed / max(dur, 1e-9):.2f}{extra})")
+    return 0
+
+
+def cmd_voice(args) -> int:
+    tts = _load(args)
+    voice = tts.voice(args.prompt_wav, text=args.prompt_text, name=args.name)
+    path = voice.save(args.output)
+    print(f"saved voice to {path} ({voice.duration:.2f} s prompt, transcript: {'yes' if voice.text else 'no'})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .audio import write_audio_atomic
+
+    tts = _load(args)
+    voice = _resolve_voice(tts, args)
+    if voice is None:
+        raise CosyVoiceError("voice conversion needs a target voice: --prompt-wav or --voice")
+    audio = tts.convert(args.source, voice, speed=args.speed, seed=args.seed)
+    out = write_audio_atomic(args.output, audio, tts.sample_rate)
+    print(f"wrote {out} ({len(audio) / tts.sample_rate:.2f} s)")
+    return 0
+
+
+def cmd_speakers(args) -> int:
+    tts = _load(args)
+    names = tts.speakers()
+    print("\n".join(names) if names else "(no built-in speakers)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosyvoice2", description="Streaming zero-shot text-to-speech")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("speak", help="text in, audio file out")
+    p.add_argument("text", nargs="?", help="the text to speak")
+    p.add_argument("-f", "--file", help="read the text from a file ('-' for stdin)")
+    p.add_argument("-o", "--output", default="out.wav", help="output file (.wav/.flac/.mp3/.ogg)")
+    _add_model_args(p)
+    _add_voice_args(p)
+    p.add_argument("--instruct", help='style instruction, e.g. "speak happily" (needs a prompt voice)')
+    p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="synthesise in streaming chunks")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_speak)
+
+    p = sub.add_parser("voice", help="make a reusable voice file from prompt audio")
+    p.add_argument("prompt_wav")
+    p.add_argument("--prompt-text", help="transcript of the prompt (enables zero-shot cloning)")
+    p.add_argument("--name")
+    p.add_argument("-o", "--output", required=True)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_voice)
+
+    p = sub.add_parser("convert", help="voice conversion: say what the source says in the target voice")
+    p.add_argument("source")
+    p.add_argument("-o", "--output", default="converted.wav")
+    p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    _add_model_args(p)
+    _add_voice_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("speakers", help="list built-in speakers")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_speakers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CosyVoiceError as e:
+        print(f"cosyvoice2: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cosyvoice2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
