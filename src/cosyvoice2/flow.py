@@ -1,0 +1,920 @@
+"""Flow-matching decoder: speech tokens -> 80-bin mel at 50 Hz (CosyVoice 2 ``CausalMaskedDiffWithXvec``).
+
+Shape legend: B batch, N tokens (25 Hz), T mel frames (50 Hz, T = r*N with r = token_mel_ratio), D encoder
+width (512), M mel bins (80), C estimator channels (256), H heads, S keys seen by a query (cached + block).
+
+Pipeline (SPEC §8):
+
+1. speaker embedding -> L2-normalise -> Linear -> ``spks`` [B, M];
+2. prompt + target tokens -> ``TokenEncoder`` (Linear/LayerNorm input layer, pre-lookahead conv, Conformer
+   blocks with relative-position attention, x r nearest up-sampling + causal conv, more Conformer blocks)
+   -> ``encoder_proj`` -> ``mu`` [B, M, T];
+3. ``cond`` = prompt mel on the prompt frames, zeros elsewhere;
+4. Euler ODE (cosine time grid, ``n_timesteps``) from a fixed noise table, each step running the U-Net
+   ``Estimator`` on a CFG batch of 2 (conditional row, row with mu/spks/cond zeroed);
+5. drop the prompt frames.
+
+Two ways to run it:
+
+* ``Flow.inference``: the official call (parity with the fixtures). ``streaming=True`` applies static chunk
+  masks (25 tokens / 50 frames, unlimited left context); ``finalize=False`` treats the last
+  ``pre_lookahead_len`` tokens as right context only.
+* ``Flow.stream_start`` / ``Flow.stream_step``: O(chunk) streaming with a caller-owned ``FlowStream``. The
+  official loop re-runs the flow from token 0 for every chunk (quadratic, SPEC §16.6); here each call
+  processes only its own block of tokens, attending to cached keys/values of everything before it.
+  Attention is block-causal by call: a block's frames see all earlier frames and each other, so a
+  chunk's output never changes afterwards. With ``static_chunks=True`` the official chunk masks are
+  intersected with that, and a schedule aligned to the official chunks reproduces the official
+  streaming output.
+
+Memory of a stream (what ``FlowStream`` keeps per frame of prompt + generated speech): the estimator
+caches K and V of every transformer block for every ODE step and both CFG rows, i.e.
+``n_timesteps * 2 * 2 * n_attention_blocks * heads * head_dim`` values. Full size: 10 * 2 * 2 * 56 * 512 =
+1 146 880 values = 4.6 MB/frame in float32, 2.3 MB/frame with ``cache_dtype=torch.bfloat16`` (about 115 MB
+per second of audio). The encoder adds (6 / r + 4) * 3 * 512 values per frame (keys, values, projected
+position rows), about 43 kB in float32, and the conv contexts are a constant few frames
+(``Flow.stream_bytes_per_frame`` computes this for any config). Compute stays float32; only the stored
+keys/values are rounded. On the small fixture model the streamed mel moved by at most 3e-4 (float16) and
+2.3e-3 (bfloat16) against float32 caches, for mel values up to about 7. The default stays float32 (exact
+parity); float16 is the more accurate compact choice but can overflow for keys/values beyond 65504.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import RATES
+from .errors import InputError, ModelLoadError
+
+_EMBED_LN_EPS = 1e-5  # LayerNorm of the encoder's Linear input layers and after_norm (official)
+_BLOCK_LN_EPS = 1e-12  # LayerNorms inside the official Conformer layers
+_REL_POS_BASE = 10000.0  # sinusoid base of the ESPnet relative positions and of the time embedding
+_TIME_SCALE = 1000.0  # the estimator embeds 1000 * t (Matcha SinusoidalPosEmb)
+_LOOKAHEAD_SLOPE = 0.01  # leaky_relu default slope used by the pre-lookahead layer
+_CONV_KERNEL = 3  # every causal conv of the estimator, and conv2 of the pre-lookahead layer
+_CFG_BATCH = 2  # classifier-free guidance runs the estimator on a conditional and an unconditional row
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """UpsampleConformerEncoder (relative-position Conformer without conv module or macaron FF)."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    ff_dim: int = 2048
+    n_blocks: int = 6  # Conformer blocks at the token rate
+    n_up_blocks: int = 4  # Conformer blocks at the frame rate (hard-coded in the official encoder)
+    chunk_tokens: int = 25  # static chunk of the streaming masks (0: none); frame-rate blocks use r * this
+    # Training only. The official encoder also drops out the position rows; we do not.
+    dropout: float = 0.1  # residual branches, FF hidden, input layers
+    pos_dropout: float = 0.1  # input layers, after the sqrt(D) scaling
+    attn_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """CausalConditionalDecoder: a one-level 1-D U-Net of causal ResNet blocks + transformer blocks."""
+
+    in_channels: int = 320  # x, mu, spks, cond stacked: 4 * M
+    out_channels: int = 80
+    channels: int = 256
+    n_heads: int = 8
+    head_dim: int = 64
+    n_transformers: int = 4  # transformer blocks after each ResNet block
+    n_mid: int = 12
+    chunk_frames: int = 50  # static chunk of the streaming masks (0: none)
+    dropout: float = 0.0
+
+    @property
+    def time_dim(self) -> int:
+        return 4 * self.channels  # official: time_embed_dim = channels[0] * 4
+
+    @property
+    def n_attention_blocks(self) -> int:
+        return (self.n_mid + 2) * self.n_transformers
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """CausalMaskedDiffWithXvec + its CFM sampler; the defaults are CosyVoice2-0.5B."""
+
+    vocab_size: int = 6561
+    d_model: int = 512
+    n_mels: int = 80
+    spk_embed_dim: int = 192
+    token_mel_ratio: int = RATES.token_mel_ratio
+    pre_lookahead_len: int = 3
+    n_timesteps: int = 10  # Euler steps (the official code passes a literal 10)
+    cfg_rate: float = 0.7  # inference_cfg_rate: v = (1 + a) v_cond - a v_uncond
+    t_scheduler: str = "cosine"  # or "linear"
+    noise_seconds: int = 300  # length of the fixed noise table (official: 50 * 300 frames)
+    noise_seed: int = 0
+    encoder: EncoderConfig = EncoderConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+
+    @property
+    def noise_frames(self) -> int:
+        return int(RATES.mel_rate) * self.noise_seconds
+
+    @classmethod
+    def cosyvoice2_0_5b(cls) -> FlowConfig:
+        """The released CosyVoice2-0.5B flow (every value spelled out)."""
+        return cls(
+            vocab_size=6561, d_model=512, n_mels=80, spk_embed_dim=192, token_mel_ratio=2,
+            pre_lookahead_len=3, n_timesteps=10, cfg_rate=0.7, t_scheduler="cosine", noise_seconds=300,
+            noise_seed=0,
+            encoder=EncoderConfig(d_model=512, n_heads=8, ff_dim=2048, n_blocks=6, n_up_blocks=4,
+                                  chunk_tokens=25),
+            estimator=EstimatorConfig(in_channels=320, out_channels=80, channels=256, n_heads=8, head_dim=64,
+                                      n_transformers=4, n_mid=12, chunk_frames=50),
+        )  # fmt: skip
+
+    @classmethod
+    def from_official(cls, cfg: dict[str, Any]) -> FlowConfig:
+        """Build from the official config dict (the fixtures' config.json format): ``cfg["flow"]["args"]``,
+        ``cfg["flow.encoder"]["args"]``, ``cfg["flow.decoder"]["args"]["cfm_params"]`` and
+        ``cfg["flow.decoder.estimator"]["args"]``. Raises ``ModelLoadError`` for variants not implemented.
+        """
+        try:
+            flow, enc = cfg["flow"]["args"], cfg["flow.encoder"]["args"]
+            cfm, est = cfg["flow.decoder"]["args"]["cfm_params"], cfg["flow.decoder.estimator"]["args"]
+        except (KeyError, TypeError) as e:
+            raise ModelLoadError(f"flow config lacks section {e}") from None
+        unsupported = {
+            "encoder input_layer": (enc.get("input_layer", "linear"), "linear"),
+            "encoder pos_enc_layer_type": (enc.get("pos_enc_layer_type", "rel_pos_espnet"), "rel_pos_espnet"),
+            "encoder selfattention_layer_type": (
+                enc.get("selfattention_layer_type", "rel_selfattn"),
+                "rel_selfattn",
+            ),
+            "encoder use_cnn_module": (enc.get("use_cnn_module", False), False),
+            "encoder macaron_style": (enc.get("macaron_style", False), False),
+            "encoder normalize_before": (enc.get("normalize_before", True), True),
+            "encoder activation_type": (enc.get("activation_type", "swish"), "swish"),
+            "estimator act_fn": (est.get("act_fn", "gelu"), "gelu"),
+            "estimator channels (U-Net levels)": (len(est["channels"]), 1),
+            "cfm solver": (cfm.get("solver", "euler"), "euler"),
+            "flow output_type": (flow.get("output_type", "mel"), "mel"),
+        }
+        for what, (got, want) in unsupported.items():
+            if got != want:
+                raise ModelLoadError(
+                    f"unsupported flow config: {what} = {got!r} (only {want!r} is implemented)"
+                )
+        if cfm.get("t_scheduler", "cosine") not in ("cosine", "linear"):
+            raise ModelLoadError(f"unsupported flow config: t_scheduler = {cfm['t_scheduler']!r}")
+        if not (flow["input_size"] == enc["input_size"] == enc["output_size"]):
+            raise ModelLoadError(
+                "flow config: flow input_size, encoder input_size and output_size must be equal"
+            )
+        if est["in_channels"] != 4 * flow["output_size"] or est["out_channels"] != flow["output_size"]:
+            raise ModelLoadError("flow config: estimator channels do not match the mel size")
+        return cls(
+            vocab_size=flow["vocab_size"], d_model=flow["input_size"], n_mels=flow["output_size"],
+            spk_embed_dim=flow["spk_embed_dim"], token_mel_ratio=flow["token_mel_ratio"],
+            pre_lookahead_len=flow["pre_lookahead_len"],
+            cfg_rate=cfm["inference_cfg_rate"], t_scheduler=cfm.get("t_scheduler", "cosine"),
+            encoder=EncoderConfig(
+                d_model=enc["output_size"], n_heads=enc["attention_heads"], ff_dim=enc["linear_units"],
+                n_blocks=enc["num_blocks"], chunk_tokens=enc.get("static_chunk_size", 0),
+                dropout=enc.get("dropout_rate", 0.1), pos_dropout=enc.get("positional_dropout_rate", 0.1),
+                attn_dropout=enc.get("attention_dropout_rate", 0.0),
+            ),
+            estimator=EstimatorConfig(
+                in_channels=est["in_channels"], out_channels=est["out_channels"], channels=est["channels"][0],
+                n_heads=est["num_heads"], head_dim=est["attention_head_dim"], n_transformers=est["n_blocks"],
+                n_mid=est["num_mid_blocks"], chunk_frames=est.get("static_chunk_size", 50),
+                dropout=est.get("dropout", 0.0),
+            ),
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: attention masks and the per-call cache walk
+# --------------------------------------------------------------------------------------------------
+
+
+def block_mask(
+    start: int, n: int, chunk: int | None, valid: Tensor | None, device: torch.device
+) -> Tensor | None:
+    """Which keys the queries of a block may see. Bool [B|1, 1, n, start + n], or None for "all".
+
+    Queries sit at absolute positions [start, start + n); keys are everything before them plus the block
+    (block-causal by call). ``chunk`` adds the official static chunk mask (query i sees key j iff
+    j < (i // chunk + 1) * chunk, unlimited left context); ``valid`` [B, start + n] masks padded keys.
+    """
+    if chunk is None and valid is None:
+        return None
+    keys = torch.arange(start + n, device=device)
+    if chunk is None:
+        allowed = torch.ones(n, start + n, dtype=torch.bool, device=device)
+    else:
+        queries = torch.arange(start, start + n, device=device)
+        allowed = keys[None, :] < (torch.div(queries, chunk, rounding_mode="floor")[:, None] + 1) * chunk
+    allowed = allowed[None, None]
+    return allowed if valid is None else allowed & valid[:, None, None, :]
+
+
+class CacheWalk:
+    """One call's pass over a layer-ordered streaming cache.
+
+    Every stateful layer ``take``s its entry of the previous call (None on the first call, or when not
+    streaming) and ``keep``s its entry for the next call, in the same order every call, so the cache is
+    a flat tuple with no per-layer bookkeeping. Keys/values may be stored in a compact dtype.
+    """
+
+    def __init__(
+        self,
+        old: tuple[Tensor, ...] | None = None,
+        collect: bool = False,
+        kv_dtype: torch.dtype | None = None,
+    ):
+        self._old: Iterator[Tensor] | None = iter(old) if old else None
+        self.new: list[Tensor] | None = [] if collect else None
+        self.kv_dtype = kv_dtype
+
+    def take(self) -> Tensor | None:
+        return None if self._old is None else next(self._old)
+
+    def keep(self, value: Tensor, kv: bool = False) -> None:
+        if self.new is not None:
+            self.new.append(value.to(self.kv_dtype) if kv and self.kv_dtype is not None else value)
+
+    def result(self) -> tuple[Tensor, ...]:
+        assert self.new is not None
+        return tuple(self.new)
+
+
+def _tail(x: Tensor, k: int) -> Tensor:
+    """Last k frames of [B, C, T] as a compact copy (a view would keep the whole block alive)."""
+    return x[..., x.shape[-1] - k :].clone(memory_format=torch.contiguous_format)
+
+
+def _left_context(ctx: Tensor | None, x: Tensor, k: int) -> Tensor:
+    """[B, C, k + T]: the cached k left frames (zeros at the start of a sequence) followed by x [B, C, T]."""
+    left = x.new_zeros(x.shape[0], x.shape[1], k) if ctx is None else ctx.to(x.dtype)
+    return torch.cat([left, x], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def rel_positions(lo: int, hi: int, d: int, device: torch.device) -> Tensor:
+    """ESPnet relative positional encoding rows for relative distances r = lo .. hi-1: [hi - lo, d].
+
+    Row r is [sin(r w_k), cos(r w_k)] interleaved (even dims sin, odd cos), w_k = base^(-2k/d). The
+    official table lists r = T-1 .. -(T-1); rows depend on r only, so a streaming block can build the
+    rows it needs without knowing the sequence length.
+    """
+    r = torch.arange(lo, hi, dtype=torch.float32, device=device)[:, None]
+    inv = torch.exp(
+        torch.arange(0, d, 2, dtype=torch.float32, device=device) * -(math.log(_REL_POS_BASE) / d)
+    )
+    pe = torch.zeros(hi - lo, d, device=device)
+    pe[:, 0::2] = torch.sin(r * inv)
+    pe[:, 1::2] = torch.cos(r * inv)
+    return pe
+
+
+class RelPositionAttention(nn.Module):
+    """Transformer-XL style self-attention with ESPnet relative positions (wenet ``rel_selfattn``).
+
+    score(i, j) = [(q_i + u) . k_j + (q_i + v) . P(i - j)] / sqrt(dk), P = linear_pos(rel_positions).
+    Streaming cache (3 entries): keys, values [B, H, start, dk] and the projected position rows for
+    r = 0 .. start-1 [H, start, dk], which the next block needs again for its distances to earlier keys.
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.h, self.dk, self.dropout = n_heads, d // n_heads, dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.pos = nn.Linear(d, d, bias=False)
+        self.bias_u = nn.Parameter(torch.zeros(n_heads, self.dk))
+        self.bias_v = nn.Parameter(torch.zeros(n_heads, self.dk))
+
+    def _project(self, pe: Tensor) -> Tensor:
+        return self.pos(pe.to(self.pos.weight.dtype)).view(-1, self.h, self.dk).transpose(0, 1)  # [H, R, dk]
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+        """x [B, n, D] (the block), allowed [B|1, 1, n, S] -> [B, n, D]."""
+        b, n, d = x.shape
+        k_old, v_old, p_old = cache.take(), cache.take(), cache.take()
+        start = 0 if k_old is None else k_old.shape[2]
+        q = self.q(x).view(b, n, self.h, self.dk)
+        k = self.k(x).view(b, n, self.h, self.dk).transpose(1, 2)  # [B, H, n, dk]
+        v = self.v(x).view(b, n, self.h, self.dk).transpose(1, 2)
+        p = self._project(rel_positions(start, start + n, d, x.device))  # rows r = start .. start+n-1
+        if k_old is not None:
+            k, v, p = torch.cat([k_old, k], 2), torch.cat([v_old, v], 2), torch.cat([p_old, p], 1)
+        cache.keep(k), cache.keep(v), cache.keep(p)
+        # Distances i - j of a block query to its keys run from start+n-1 (first key) down to -(n-1) (last
+        # key of the block). With the rows in that descending order, query i reads columns
+        # (n-1-i) .. (n-1-i) + start+n-1: a skewed view (Transformer-XL's rel_shift) instead of a gather.
+        table = torch.cat([self._project(rel_positions(1 - n, 0, d, x.device)), p], dim=1).flip(1)
+        qu = (q + self.bias_u).transpose(1, 2)  # [B, H, n, dk]
+        qv = (q + self.bias_v).transpose(1, 2)
+        bd = torch.matmul(qv, table.transpose(1, 2)).contiguous()  # [B, H, n, R], R = start + 2n - 1
+        big_r = bd.shape[-1]
+        bd = bd.as_strided((b, self.h, n, start + n), (self.h * n * big_r, n * big_r, big_r - 1, 1), n - 1)
+        bias = bd / math.sqrt(self.dk)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(qu, k, v, attn_mask=bias, dropout_p=dropout)  # [B, H, n, dk]
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class FeedForward(nn.Module):
+    """Linear -> activation -> dropout -> Linear, over the last dim."""
+
+    def __init__(
+        self, d: int, hidden: int, act: nn.Module, dropout: float = 0.0, d_out: int | None = None
+    ) -> None:
+        super().__init__()
+        self.fc1, self.act, self.drop = nn.Linear(d, hidden), act, nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, d if d_out is None else d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class ConformerBlock(nn.Module):
+    """Pre-LN: x + MHSA(LN(x)); x + FF(LN(x)) with FF = Linear -> SiLU -> Linear."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.attn_norm = nn.LayerNorm(d, eps=_BLOCK_LN_EPS)
+        self.attn = RelPositionAttention(d, cfg.n_heads, cfg.attn_dropout)
+        self.ff_norm = nn.LayerNorm(d, eps=_BLOCK_LN_EPS)
+        self.ff = FeedForward(d, cfg.ff_dim, nn.SiLU(), cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), allowed, cache))
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+class InputLayer(nn.Module):
+    """Linear -> LayerNorm -> x sqrt(D) (LinearNoSubsampling + ESPnet rel-pos scaling; adds no position)."""
+
+    def __init__(self, d: int, dropout: float, pos_dropout: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=_EMBED_LN_EPS)
+        self.drop, self.pos_drop = nn.Dropout(dropout), nn.Dropout(pos_dropout)
+        self.scale = math.sqrt(d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pos_drop(self.drop(self.norm(self.proj(x))) * self.scale)
+
+
+class PreLookahead(nn.Module):
+    """Residual conv pair that lets each token see ``look`` tokens ahead (the only non-causal part).
+
+    conv1 (kernel look+1) reads the token and the next ``look`` (zeros at the end of the utterance, or
+    the given look-ahead tokens) -> leaky ReLU -> causal conv2 (kernel 3) -> + input.
+    Streaming cache (1 entry): the last 2 conv1 outputs [B, D, 2].
+    """
+
+    def __init__(self, d: int, look: int) -> None:
+        super().__init__()
+        self.look = look
+        self.conv1 = nn.Conv1d(d, d, look + 1)
+        self.conv2 = nn.Conv1d(d, d, _CONV_KERNEL)
+
+    def forward(self, x: Tensor, ahead: Tensor | None, cache: CacheWalk) -> Tensor:
+        """x [B, n, D], ahead [B, look, D] or None -> [B, n, D]."""
+        h = x.transpose(1, 2)
+        right = h.new_zeros(h.shape[0], h.shape[1], self.look) if ahead is None else ahead.transpose(1, 2)
+        h = F.leaky_relu(self.conv1(torch.cat([h, right], dim=-1)), _LOOKAHEAD_SLOPE)
+        h = _left_context(cache.take(), h, _CONV_KERNEL - 1)
+        cache.keep(_tail(h, _CONV_KERNEL - 1))
+        return self.conv2(h).transpose(1, 2) + x
+
+
+class Upsample(nn.Module):
+    """Nearest x r repeat, then a causal conv of kernel 2r + 1. Streaming cache: the last 2r repeated rows."""
+
+    def __init__(self, d: int, ratio: int) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.conv = nn.Conv1d(d, d, 2 * ratio + 1)
+
+    def forward(self, x: Tensor, cache: CacheWalk) -> Tensor:
+        """x [B, D, n] -> [B, D, r n]."""
+        h = _left_context(cache.take(), x.repeat_interleave(self.ratio, dim=-1), 2 * self.ratio)
+        cache.keep(_tail(h, 2 * self.ratio))
+        return self.conv(h)
+
+
+class TokenEncoder(nn.Module):
+    """UpsampleConformerEncoder: token embeddings [B, N, D] -> frame features [B, r N, D]."""
+
+    def __init__(self, cfg: FlowConfig) -> None:
+        super().__init__()
+        enc, d = cfg.encoder, cfg.encoder.d_model
+        self.ratio, self.chunk = cfg.token_mel_ratio, enc.chunk_tokens or None
+        self.embed = InputLayer(d, enc.dropout, enc.pos_dropout)
+        self.lookahead = PreLookahead(d, cfg.pre_lookahead_len)
+        self.blocks = nn.ModuleList(ConformerBlock(enc) for _ in range(enc.n_blocks))
+        self.upsample = Upsample(d, cfg.token_mel_ratio)
+        self.up_embed = InputLayer(d, enc.dropout, enc.pos_dropout)
+        self.up_blocks = nn.ModuleList(ConformerBlock(enc) for _ in range(enc.n_up_blocks))
+        self.out_norm = nn.LayerNorm(d, eps=_EMBED_LN_EPS)
+
+    def forward(
+        self, x: Tensor, lengths: Tensor, ahead: Tensor | None = None, streaming: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Padded batch: x [B, N, D], lengths [B] -> (h [B, rN, D], frame mask [B, 1, rN] bool).
+
+        ``ahead`` [B, look, D]: right context for the pre-lookahead layer (zeros when None);
+        ``streaming``: official static chunk masks.
+        """
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        h = self.run(
+            x, ahead, start=0, chunk=self.chunk if streaming else None, valid=valid, cache=CacheWalk()
+        )
+        return h, valid.repeat_interleave(self.ratio, dim=1)[:, None]
+
+    def run(
+        self,
+        x: Tensor,
+        ahead: Tensor | None,
+        *,
+        start: int,
+        chunk: int | None,
+        valid: Tensor | None,
+        cache: CacheWalk,
+    ) -> Tensor:
+        """One block of tokens at positions [start, start + n): x [B, n, D] -> [B, r n, D].
+
+        ``chunk`` in tokens (the frame-rate blocks use r * chunk); ``valid`` [B, start + n] padding mask.
+        """
+        n = x.shape[1]
+        h = self.lookahead(self.embed(x), None if ahead is None else self.embed(ahead), cache)
+        allowed = block_mask(start, n, chunk, valid, x.device)
+        for block in self.blocks:
+            h = block(h, allowed, cache)
+        h = self.up_embed(self.upsample(h.transpose(1, 2), cache).transpose(1, 2))
+        r = self.ratio
+        frames_valid = None if valid is None else valid.repeat_interleave(r, dim=1)
+        allowed = block_mask(r * start, r * n, None if chunk is None else r * chunk, frames_valid, x.device)
+        for block in self.up_blocks:
+            h = block(h, allowed, cache)
+        return self.out_norm(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimator (the vector field of the ODE)
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d that sees only the past: kernel-1 frames of left context (zeros, or the previous call's end)."""
+
+    def forward(self, x: Tensor, cache: CacheWalk) -> Tensor:  # type: ignore[override]
+        k = self.kernel_size[0] - 1
+        h = _left_context(cache.take(), x, k)
+        cache.keep(_tail(h, k))
+        return super().forward(h)
+
+
+class CausalBlock(nn.Module):
+    """(x * mask) -> causal conv -> LayerNorm over channels -> Mish -> * mask."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = CausalConv1d(c_in, c_out, _CONV_KERNEL)
+        self.norm = nn.LayerNorm(c_out)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: CacheWalk) -> Tensor:
+        h = self.conv(x * mask, cache)
+        return F.mish(self.norm(h.transpose(1, 2)).transpose(1, 2)) * mask
+
+
+class ResnetBlock(nn.Module):
+    """block2(block1(x) + Linear(Mish(t_emb))) + Conv1x1(x * mask)."""
+
+    def __init__(self, c_in: int, c_out: int, time_dim: int) -> None:
+        super().__init__()
+        self.block1 = CausalBlock(c_in, c_out)
+        self.block2 = CausalBlock(c_out, c_out)
+        self.time_proj = nn.Linear(time_dim, c_out)
+        self.res_conv = nn.Conv1d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor, mask: Tensor, temb: Tensor, cache: CacheWalk) -> Tensor:
+        """x [B, Cin, n], mask [B, 1, n], temb [B, time_dim] -> [B, Cout, n]."""
+        h = self.block1(x, mask, cache) + self.time_proj(F.mish(temb))[:, :, None]
+        return self.block2(h, mask, cache) + self.res_conv(x * mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (q/k/v without bias, out with bias). Cache: keys, values [B, H, S, hd]."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        inner = n_heads * head_dim
+        self.h, self.hd, self.dropout = n_heads, head_dim, dropout
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+        """x [B, n, C] -> [B, n, C]; allowed [B|1, 1, n, S]."""
+        b, n, _ = x.shape
+        q, k, v = (
+            f(x).view(b, n, self.h, self.hd).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v)
+        )
+        k_old, v_old = cache.take(), cache.take()
+        if k_old is not None:
+            k, v = torch.cat([k_old.to(k.dtype), k], 2), torch.cat([v_old.to(v.dtype), v], 2)
+        cache.keep(k, kv=True), cache.keep(v, kv=True)
+        # The official additive bias (1 - mask) * -1e10 and a boolean mask give the same softmax as long
+        # as every query sees at least one key, which both masks guarantee.
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.to_out(y.transpose(1, 2).reshape(b, n, self.h * self.hd))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN: x + Attn(LN(x)); x + FF(LN(x)) with FF = Linear -> exact GELU -> Linear (diffusers block)."""
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.attn_norm = nn.LayerNorm(c)
+        self.attn = Attention(c, cfg.n_heads, cfg.head_dim, cfg.dropout)
+        self.ff_norm = nn.LayerNorm(c)
+        self.ff = FeedForward(c, 4 * c, nn.GELU(), cfg.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), allowed, cache)
+        return x + self.ff(self.ff_norm(x))
+
+
+class Stage(nn.Module):
+    """ResNet block -> transformer blocks (-> causal conv). Returns (output, hidden before the conv)."""
+
+    def __init__(self, c_in: int, cfg: EstimatorConfig, conv: bool) -> None:
+        super().__init__()
+        self.resnet = ResnetBlock(c_in, cfg.channels, cfg.time_dim)
+        self.transformers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_transformers))
+        self.conv = CausalConv1d(cfg.channels, cfg.channels, _CONV_KERNEL) if conv else None
+
+    def forward(
+        self, x: Tensor, mask: Tensor, temb: Tensor, allowed: Tensor | None, cache: CacheWalk
+    ) -> tuple[Tensor, Tensor]:
+        h = self.resnet(x, mask, temb, cache).transpose(1, 2)  # [B, n, C]
+        for block in self.transformers:
+            h = block(h, allowed, cache)
+        h = h.transpose(1, 2)
+        return (h if self.conv is None else self.conv(h * mask, cache)), h
+
+
+def time_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of 1000 t: [B] -> [B, dim] = [sin, cos] with frequencies base^(-i/(dim/2 - 1))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(_REL_POS_BASE) / (half - 1)))
+    arg = _TIME_SCALE * t[:, None] * freqs[None]
+    return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+class Estimator(nn.Module):
+    """CausalConditionalDecoder: v(x, t | mu, spks, cond), every conv causal, so frame f sees frames <= f
+    through the convs and what the attention mask allows."""
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.channels
+        self.time_mlp = FeedForward(cfg.in_channels, cfg.time_dim, nn.SiLU(), d_out=cfg.time_dim)
+        self.down = Stage(cfg.in_channels, cfg, conv=True)
+        self.mid = nn.ModuleList(Stage(c, cfg, conv=False) for _ in range(cfg.n_mid))
+        self.up = Stage(2 * c, cfg, conv=True)
+        self.final_block = CausalBlock(c, c)
+        self.final_proj = nn.Conv1d(c, cfg.out_channels, 1)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        streaming: bool = False,
+    ) -> Tensor:
+        """Padded batch: x, mu, cond [B, M, T], mask [B, 1, T], t [B], spks [B, M] -> [B, M, T].
+
+        ``streaming``: official static chunk mask of ``chunk_frames``.
+        """
+        chunk = (self.cfg.chunk_frames or None) if streaming else None
+        allowed = block_mask(0, x.shape[-1], chunk, mask[:, 0].bool(), x.device)
+        return self.run(x, mask, mu, t, spks, cond, allowed, CacheWalk())
+
+    def run(
+        self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
+        allowed: Tensor | None, cache: CacheWalk,
+    ) -> Tensor:  # fmt: skip
+        """One block of frames: shapes as ``forward`` with T = the block; ``allowed`` from ``block_mask``."""
+        temb = self.time_mlp(time_embedding(t, self.cfg.in_channels).to(t.dtype))
+        h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
+        h, skip = self.down(h, mask, temb, allowed, cache)
+        for stage in self.mid:
+            h, _ = stage(h, mask, temb, allowed, cache)
+        h, _ = self.up(torch.cat([h, skip], dim=1), mask, temb, allowed, cache)
+        h = self.final_block(h, mask, cache)
+        return self.final_proj(h * mask) * mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Flow: encoder + CFM sampler; official inference and O(chunk) streaming
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowStream:
+    """Caller-owned streaming state (see ``Flow.stream_start``). Immutable: every call returns a new one and
+    never writes into tensors of an old one, so the state after a prompt can seed any number of requests."""
+
+    spks: Tensor  # [1, M] projected speaker embedding
+    prompt_mel: Tensor  # [1, M, Tp] prompt mel (the cond of frames < Tp)
+    pending: Tensor  # [1, k] int64 prompt tokens not processed yet: the head of the first block
+    promised: Tensor  # [1, j] int64 look-ahead tokens the previous call used; the next tokens must match
+    n_tokens: int  # tokens processed (absolute position of the next block)
+    encoder: tuple[Tensor, ...]  # layer-ordered encoder cache (CacheWalk)
+    estimator: tuple[tuple[Tensor, ...], ...]  # per ODE step, layer-ordered estimator cache
+    static_chunks: bool  # intersect the block-causal masks with the official static chunk masks
+    cache_dtype: torch.dtype  # storage dtype of the estimator keys/values
+    finished: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the caches (the per-frame cost is in the module docstring)."""
+        tensors = [*self.encoder, *(t for step in self.estimator for t in step)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _as_tokens(tokens: Tensor | Sequence[int], name: str, device: torch.device) -> Tensor:
+    """[1, n] or [n] int tensor, or a list of ints -> [1, n] int64."""
+    t = torch.as_tensor(tokens, device=device) if not isinstance(tokens, Tensor) else tokens.to(device)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[0] != 1 or (t.numel() and t.is_floating_point()):
+        raise InputError(f"{name} must be integer speech tokens of shape [1, n] or [n], got {tuple(t.shape)}")
+    return t.long()
+
+
+class Flow(nn.Module):
+    """CausalMaskedDiffWithXvec for inference: tokens + prompt (tokens, mel, speaker embedding) -> mel."""
+
+    def __init__(self, cfg: FlowConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.spk_proj = nn.Linear(cfg.spk_embed_dim, cfg.n_mels)
+        self.encoder = TokenEncoder(cfg)
+        self.encoder_proj = nn.Linear(cfg.d_model, cfg.n_mels)
+        self.estimator = Estimator(cfg.estimator)
+        # SPEC §16.9: the official constructor reseeds every global RNG to draw this table. We draw the
+        # same numbers (CPU generator, same seed) from a private generator instead. Not in the state dict.
+        gen = torch.Generator().manual_seed(cfg.noise_seed)
+        noise = torch.randn(1, cfg.n_mels, cfg.noise_frames, generator=gen, device=gen.device)
+        self.register_buffer("noise", noise, persistent=False)
+
+    # -- pieces shared by both paths ---------------------------------------------------------------
+
+    def _check(self, tokens: Tensor, name: str) -> Tensor:
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise InputError(f"{name}: speech token ids must be in [0, {self.cfg.vocab_size})")
+        return tokens
+
+    def _speaker(self, embedding: Tensor) -> Tensor:
+        """[1, spk_embed_dim] -> [1, M]."""
+        if embedding.dim() != 2 or embedding.shape != (1, self.cfg.spk_embed_dim):
+            raise InputError(
+                f"embedding must have shape [1, {self.cfg.spk_embed_dim}], got {tuple(embedding.shape)}"
+            )
+        return self.spk_proj(F.normalize(embedding.to(self.noise.dtype), dim=1))
+
+    def _prompt_mel(self, prompt_feat: Tensor) -> Tensor:
+        """[1, Tp, M] -> [1, M, Tp]."""
+        if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 or prompt_feat.shape[2] != self.cfg.n_mels:
+            raise InputError(
+                f"prompt_feat must have shape [1, T, {self.cfg.n_mels}], got {tuple(prompt_feat.shape)}"
+            )
+        return prompt_feat.to(self.noise.dtype).transpose(1, 2)
+
+    def _noise(self, f0: int, f1: int) -> Tensor:
+        if f1 > self.cfg.noise_frames:
+            raise InputError(
+                f"prompt + speech too long for the flow: {f1} mel frames > {self.cfg.noise_frames} "
+                f"({self.cfg.noise_seconds} s)"
+            )
+        return self.noise[:, :, f0:f1]
+
+    def _time_grid(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """(t, dt) per Euler step, accumulated as the official solver does (t += dt; dt = t_{k+1} - t)."""
+        n = self.cfg.n_timesteps
+        span = torch.linspace(0, 1, n + 1, device=device, dtype=torch.float32)
+        if self.cfg.t_scheduler == "cosine":
+            span = 1 - torch.cos(span * 0.5 * torch.pi)
+        grid, t, dt = [], span[0], span[1] - span[0]
+        for k in range(1, n + 1):
+            grid.append((t, dt))
+            t = t + dt
+            if k < n:
+                dt = span[k + 1] - t
+        return grid
+
+    def _solve(
+        self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
+        caches: tuple[tuple[Tensor, ...], ...] | None, collect: bool, kv_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, tuple[tuple[Tensor, ...], ...]]:  # fmt: skip
+        """Euler ODE with classifier-free guidance over one block of frames.
+
+        mu, cond, noise [1, M, n], spks [1, M] -> (mel [1, M, n] float32, new per-step caches).
+        """
+        a = self.cfg.cfg_rate
+        mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
+        # CFG batch: row 0 conditional, row 1 with mu, spks and cond zeroed; both see the same x and t.
+        mu2, spks2, cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
+        x, new = noise.to(mu.dtype), []
+        for k, (t, dt) in enumerate(self._time_grid(mu.device)):
+            walk = CacheWalk(caches[k] if caches else None, collect, kv_dtype)
+            x2, t2 = x.expand(_CFG_BATCH, -1, -1), t.to(mu.dtype).expand(_CFG_BATCH)
+            v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, allowed, walk)
+            x = x + dt * ((1.0 + a) * v[:1] - a * v[1:])
+            if collect:
+                new.append(walk.result())
+        return x.float(), tuple(new)
+
+    # -- official inference ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference(
+        self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
+        streaming: bool, finalize: bool,
+    ) -> Tensor:  # fmt: skip
+        """The official ``CausalMaskedDiffWithXvec.inference`` (batch 1).
+
+        token [1, N], prompt_token [1, P] int; prompt_feat [1, Tp, M]; embedding [1, spk_embed_dim].
+        Returns mel [1, M, r (P + N) - Tp] float32 (r N when the prompt is aligned), or r (P + N - look) - Tp
+        frames when ``finalize`` is False: then the last ``look`` tokens only feed the pre-lookahead layer.
+        ``streaming`` applies the static chunk masks (chunks counted from the first prompt token).
+        """
+        dev = self.noise.device
+        token = self._check(_as_tokens(token, "token", dev), "token")
+        prompt_token = self._check(_as_tokens(prompt_token, "prompt_token", dev), "prompt_token")
+        spks, prompt_mel = self._speaker(embedding.to(dev)), self._prompt_mel(prompt_feat.to(dev))
+        look = self.cfg.pre_lookahead_len
+        if not finalize and token.shape[1] < look:
+            raise InputError(
+                f"finalize=False needs at least {look} tokens (the look-ahead), got {token.shape[1]}"
+            )
+        n_tokens = prompt_token.shape[1] + token.shape[1] - (0 if finalize else look)
+        noise = self._noise(0, self.cfg.token_mel_ratio * n_tokens)  # checks the length before any work
+        x = self.token_embed(torch.cat([prompt_token, token], dim=1))  # [1, P + N, D]
+        ahead = None
+        if not finalize:
+            x, ahead = x[:, : x.shape[1] - look], x[:, x.shape[1] - look :]
+        chunk, est_chunk = self._chunks(streaming)
+        h = self.encoder.run(x, ahead, start=0, chunk=chunk, valid=None, cache=CacheWalk())
+        mu = self.encoder_proj(h).transpose(1, 2)  # [1, M, T]
+        n_frames, n_prompt = mu.shape[-1], prompt_mel.shape[-1]
+        if n_prompt > n_frames:
+            raise InputError(
+                f"prompt_feat has {n_prompt} frames, more than the {n_frames} frames of all tokens"
+            )
+        cond = torch.zeros_like(mu)
+        cond[:, :, :n_prompt] = prompt_mel
+        allowed = block_mask(0, n_frames, est_chunk, None, dev)
+        mel, _ = self._solve(mu, spks, cond, noise, allowed, None, collect=False)
+        return mel[:, :, n_prompt:]
+
+    # -- O(chunk) streaming ------------------------------------------------------------------------
+
+    def stream_bytes_per_frame(self, cache_dtype: torch.dtype = torch.float32) -> float:
+        """Cache bytes a stream holds per mel frame (prompt + generated), without the constant conv contexts.
+
+        Estimator: K and V of every attention block, for every ODE step and both CFG rows, in ``cache_dtype``.
+        Encoder (model dtype): K, V and projected position rows of every Conformer block; the token-rate
+        blocks hold one row per r frames.
+        """
+        cfg, est, enc = self.cfg, self.cfg.estimator, self.cfg.encoder
+        kv = cfg.n_timesteps * _CFG_BATCH * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
+        encoder = 3 * enc.d_model * (enc.n_blocks / cfg.token_mel_ratio + enc.n_up_blocks)
+        return kv * torch.finfo(cache_dtype).bits / 8 + encoder * self.noise.element_size()
+
+    def _chunks(self, static: bool) -> tuple[int | None, int | None]:
+        """(encoder chunk in tokens, estimator chunk in frames) of the official static masks, or None."""
+        if not static:
+            return None, None
+        return self.cfg.encoder.chunk_tokens or None, self.cfg.estimator.chunk_frames or None
+
+    def _align(self) -> int:
+        """Token multiple at which the token-rate, frame-rate and estimator static chunks all end together."""
+        r, est = self.cfg.token_mel_ratio, self.cfg.estimator.chunk_frames
+        return math.lcm(*(u for u in (self.cfg.encoder.chunk_tokens, est // math.gcd(est, r)) if u))
+
+    @torch.inference_mode()
+    def stream_start(
+        self, prompt_token: Tensor | Sequence[int], prompt_feat: Tensor, embedding: Tensor, *,
+        static_chunks: bool = False, cache_dtype: torch.dtype = torch.float32,
+    ) -> FlowStream:  # fmt: skip
+        """Process a voice prompt once; the returned state can start any number of streams.
+
+        prompt_token [1, P], prompt_feat [1, Tp, M], embedding [1, spk_embed_dim]. The last
+        ``pre_lookahead_len`` prompt tokens depend on the first target tokens through the pre-lookahead
+        layer, so they (and, with ``static_chunks``, the prompt tokens after the last chunk boundary) are
+        kept as the head of the first block instead of being cached. ``cache_dtype`` stores the estimator
+        keys/values (bfloat16 halves the memory; see the module docstring).
+        """
+        dev = self.noise.device
+        tokens = self._check(_as_tokens(prompt_token, "prompt_token", dev), "prompt_token")
+        spks, prompt_mel = self._speaker(embedding.to(dev)), self._prompt_mel(prompt_feat.to(dev))
+        r, look = self.cfg.token_mel_ratio, self.cfg.pre_lookahead_len
+        # Cache only tokens whose frames are all prompt frames (never emitted) and whose look-ahead is known.
+        cut = max(0, min(tokens.shape[1] - look, prompt_mel.shape[-1] // r))
+        if static_chunks:
+            cut -= cut % self._align()
+        empty = tokens[:, :0]
+        state = FlowStream(spks, prompt_mel, tokens, empty, 0, (), (), static_chunks, cache_dtype)
+        if cut == 0:
+            return state
+        _, state = self._advance(state, tokens[:, :cut], tokens[:, cut : cut + look])
+        return replace(state, pending=tokens[:, cut:])
+
+    @torch.inference_mode()
+    def stream_step(
+        self, state: FlowStream, tokens: Tensor | Sequence[int], lookahead: Tensor | Sequence[int] | None, *,
+        final: bool,
+    ) -> tuple[Tensor, FlowStream]:  # fmt: skip
+        """Decode the next block: returns (mel [1, M, frames of these tokens] float32, new state).
+
+        ``lookahead``: the next ``pre_lookahead_len`` tokens (the start of the next call's ``tokens``);
+        None or empty when ``final`` (the utterance ends: zeros, as the official finalize). Work is
+        proportional to the block (attention also reads the cached keys of earlier frames).
+        """
+        if state.finished:
+            raise InputError("this flow stream has already ended (final=True was given)")
+        dev, look = self.noise.device, self.cfg.pre_lookahead_len
+        tokens = self._check(_as_tokens(tokens, "tokens", dev), "tokens")
+        ahead = (
+            None if lookahead is None else self._check(_as_tokens(lookahead, "lookahead", dev), "lookahead")
+        )
+        if ahead is not None and ahead.numel() == 0:
+            ahead = None
+        if (ahead is None) != final:
+            raise InputError("lookahead tokens are required when final=False and not allowed when final=True")
+        if ahead is not None and ahead.shape[1] != look:
+            raise InputError(f"lookahead must have exactly {look} tokens, got {ahead.shape[1]}")
+        block = torch.cat([state.pending, tokens], dim=1)
+        seen = block if ahead is None else torch.cat([block, ahead], dim=1)
+        promised = state.promised
+        if seen.shape[1] < promised.shape[1] or not torch.equal(seen[:, : promised.shape[1]], promised):
+            raise InputError("tokens do not continue with the look-ahead tokens given in the previous call")
+        if block.shape[1] == 0:
+            if not final:
+                raise InputError("stream_step needs at least one token when final=False")
+            return state.prompt_mel.new_zeros(1, self.cfg.n_mels, 0), replace(state, finished=True)
+        mel, state = self._advance(state, block, ahead)
+        return mel, replace(state, pending=tokens[:, :0], promised=block[:, :0] if ahead is None else ahead,
+                            finished=final)  # fmt: skip
+
+    def _advance(self, state: FlowStream, block: Tensor, ahead: Tensor | None) -> tuple[Tensor, FlowStream]:
+        """Run encoder + ODE over tokens [n_tokens, n_tokens + n) with the cached left context.
+
+        block [1, n], ahead [1, look] or None -> (mel of the block's non-prompt frames, advanced state).
+        """
+        r, a, n = self.cfg.token_mel_ratio, state.n_tokens, block.shape[1]
+        f0, f1 = r * a, r * (a + n)
+        noise = self._noise(f0, f1)
+        chunk, est_chunk = self._chunks(state.static_chunks)
+        enc = CacheWalk(state.encoder, collect=True)
+        h = self.encoder.run(self.token_embed(block), None if ahead is None else self.token_embed(ahead),
+                             start=a, chunk=chunk, valid=None, cache=enc)  # fmt: skip
+        mu = self.encoder_proj(h).transpose(1, 2)  # [1, M, r n]
+        n_prompt = state.prompt_mel.shape[-1]
+        in_prompt = min(max(n_prompt - f0, 0), f1 - f0)  # frames of this block that are prompt frames
+        cond = torch.zeros_like(mu)
+        cond[:, :, :in_prompt] = state.prompt_mel[:, :, f0 : f0 + in_prompt]
+        allowed = block_mask(f0, f1 - f0, est_chunk, None, mu.device)
+        mel, est = self._solve(mu, state.spks, cond, noise, allowed, state.estimator, True, state.cache_dtype)
+        return mel[:, :, in_prompt:], replace(state, n_tokens=a + n, encoder=enc.result(), estimator=est)
