@@ -1,0 +1,405 @@
+"""Text frontend: tokenizer ids and normalisation against the official fixtures, plus our robustness layer.
+
+Every expected value comes from fixtures/tokenizer/ (encode.json, text_normalize.json,
+cosyvoice2_runtime_tokenizer_config.json); the strings written here only exercise behaviour the official code
+does not have (bad input, long text, streaming).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from cosyvoice2.errors import InputError, ModelLoadError
+from cosyvoice2.text import (
+    COSYVOICE2_SPECIAL_TOKENS,
+    FINE_GRAINED_TAGS,
+    PIECE_HARD_LIMIT,
+    StreamingNormalizer,
+    TextTokenizer,
+    clean_text,
+    normalize,
+    number_words,
+    prepare_text,
+    warm_up,
+)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(fixtures: Path) -> Path:
+    return fixtures / "tokenizer" / "CosyVoice-BlankEN"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir: Path) -> TextTokenizer:
+    return TextTokenizer.from_dir(tok_dir)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _normalize_setups(fixtures: Path) -> list[tuple[str, str, dict]]:
+    """(setup name, backend, case) for every case; setups that logged wetext calls ran with wetext."""
+    data = _json(fixtures / "tokenizer" / "text_normalize.json")
+    out = []
+    for name, setup in data.items():
+        if isinstance(setup, dict) and "cases" in setup:
+            backend = "wetext" if "wetext_calls" in setup else "none"
+            out += [(name, backend, case) for case in setup["cases"]]
+    return out
+
+
+def _length(tokenizer: TextTokenizer, piece: str) -> int:
+    # The official measure: characters for Chinese text, tokens otherwise.
+    return len(piece) if any("\u4e00" <= c <= "\u9fff" for c in piece) else tokenizer.count(piece)
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------------
+
+
+def test_encode_decode_match_fixture(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    data = _json(fixtures / "tokenizer" / "encode.json")
+    assert data["cases"]
+    for case in data["cases"]:
+        ids = tokenizer.encode(case["text"])
+        assert ids == case["ids"], case["text"]
+        assert tokenizer.decode(ids) == case["decode_skip_special"], case["text"]
+        # Without skipping, byte-level BPE is lossless up to the NFC normaliser.
+        assert tokenizer.decode(ids, skip_special=False) == unicodedata.normalize("NFC", case["text"])
+
+
+def test_special_ids_and_size(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    data = _json(fixtures / "tokenizer" / "encode.json")
+    assert len(tokenizer) == data["len_tokenizer"]
+    for token, token_id in data["special_token_ids"].items():
+        assert tokenizer.token_id(token) == token_id
+        assert tokenizer.encode(token) == [token_id]
+        assert tokenizer.decode([token_id]) == ""
+    assert tokenizer.endofprompt_id == data["special_token_ids"]["<|endofprompt|>"]
+    with pytest.raises(KeyError):
+        tokenizer.token_id("<|not-a-token|>")
+
+
+def test_specials_follow_runtime_config(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    """Our special list and ids equal what the official class saved after its add_special_tokens."""
+    config = _json(fixtures / "tokenizer" / "cosyvoice2_runtime_tokenizer_config.json")
+    for token_id, spec in config["added_tokens_decoder"].items():
+        assert tokenizer.token_id(spec["content"]) == int(token_id)
+    official_order = list(dict.fromkeys([config["eos_token"], *config["additional_special_tokens"]]))
+    assert list(COSYVOICE2_SPECIAL_TOKENS) == official_order
+    assert tokenizer.special_token_ids == {t: tokenizer.token_id(t) for t in official_order}
+
+
+def _tokenizer_copy(src: Path, dst: Path, skip: str | None = None) -> Path:
+    dst.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if name != skip:
+            (dst / name).symlink_to(src / name)
+    return dst
+
+
+@pytest.mark.parametrize("missing", ["vocab.json", "merges.txt", "tokenizer_config.json"])
+def test_missing_file_names_it(tok_dir: Path, tmp_path: Path, missing: str) -> None:
+    broken = _tokenizer_copy(tok_dir, tmp_path / "tok", skip=missing)
+    with pytest.raises(ModelLoadError, match=missing):
+        TextTokenizer.from_dir(broken)
+
+
+def test_corrupt_files_raise(tok_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        TextTokenizer.from_dir(tmp_path / "nowhere")
+
+    broken = _tokenizer_copy(tok_dir, tmp_path / "vocab", skip="vocab.json")
+    (broken / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="vocab.json"):
+        TextTokenizer.from_dir(broken)
+
+    broken = _tokenizer_copy(tok_dir, tmp_path / "merges", skip="merges.txt")
+    (broken / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="merges.txt"):
+        TextTokenizer.from_dir(broken)
+
+    # An added token declared at an id the vocabulary does not lead to.
+    config = _json(tok_dir / "tokenizer_config.json")
+    first_id, spec = next(iter(config["added_tokens_decoder"].items()))
+    config["added_tokens_decoder"] = {str(int(first_id) + 7): spec}
+    broken = _tokenizer_copy(tok_dir, tmp_path / "config", skip="tokenizer_config.json")
+    (broken / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="tokenizer_config.json"):
+        TextTokenizer.from_dir(broken)
+
+
+# -- official normalisation --------------------------------------------------------------------------------
+
+
+def test_normalize_matches_fixture(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    setups = _normalize_setups(fixtures)
+    assert {backend for _, backend, _ in setups} == {"none", "wetext"}
+    for name, backend, case in setups:
+        text = case["text"]
+        pieces = normalize(text, split=True, tokenizer=tokenizer, backend=backend)
+        assert pieces == case["split"], (name, text)
+        whole = normalize(text, split=False, tokenizer=tokenizer, backend=backend)
+        assert whole == case["nosplit"], (name, text)
+
+
+def test_wetext_calls_match_log(fixtures: Path) -> None:
+    """Each logged wetext call gives the logged output through our backend (zh iff a CJK character)."""
+    from cosyvoice2.text import _wetext
+
+    data = _json(fixtures / "tokenizer" / "text_normalize.json")
+    setups = [setup for setup in data.values() if isinstance(setup, dict)]
+    calls = [call for setup in setups for call in setup.get("wetext_calls", [])]
+    assert calls
+    for call in calls:
+        lang = "zh" if any("\u4e00" <= c <= "\u9fff" for c in call["in"]) else "en"
+        assert _wetext(call["in"], lang, "wetext", robust=False) == call["out"]
+
+
+def test_auto_backend_is_wetext_when_installed(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    pytest.importorskip("wetext")
+    for _, backend, case in _normalize_setups(fixtures):
+        if backend == "wetext":
+            auto = normalize(case["text"], split=False, tokenizer=tokenizer, backend="auto")
+            assert auto == case["nosplit"]
+
+
+def test_normalize_bad_arguments(tokenizer: TextTokenizer) -> None:
+    with pytest.raises(InputError, match="backend"):
+        normalize("hello", tokenizer=tokenizer, backend="ttsfrd")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="string"):
+        normalize(42, tokenizer=tokenizer)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tokenizer"):
+        normalize("An English sentence.", backend="none")
+    assert normalize("", split=True, backend="none") == [""]  # official: empty text passes through
+
+
+def test_warm_up() -> None:
+    warm_up("none")
+    with pytest.raises(InputError, match="backend"):
+        warm_up("bogus")  # type: ignore[arg-type]
+    pytest.importorskip("wetext")
+    warm_up("wetext")
+
+
+def test_wetext_normalizers_shared_across_threads(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    pytest.importorskip("wetext")
+    cases = [case for _, backend, case in _normalize_setups(fixtures) if backend == "wetext"]
+    results: list[bool] = []
+
+    def work() -> None:
+        for case in cases:
+            out = normalize(case["text"], split=False, tokenizer=tokenizer, backend="wetext")
+            results.append(out == case["nosplit"])
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results and all(results)
+
+
+# -- number spelling ---------------------------------------------------------------------------------------
+
+# Wordings checked against inflect 7 (the official dependency), including its comma and "and" placement.
+_NUMBER_WORDS = {
+    "0": "zero",
+    "007": "seven",
+    "1": "one",
+    "12": "twelve",
+    "20": "twenty",
+    "100": "one hundred",
+    "1001": "one thousand and one",
+    "1100": "one thousand, one hundred",
+    "2024": "two thousand and twenty-four",
+    "21000": "twenty-one thousand",
+    "1000020": "one million and twenty",
+    "1000001000": "one billion, one thousand",
+    "1234567": "one million, two hundred and thirty-four thousand, five hundred and sixty-seven",
+    "²": "zero",  # a digit to str.isdigit, but not a decimal digit: inflect drops it
+    "٣": "three",
+}
+
+
+def test_number_words_examples() -> None:
+    for digits, words in _NUMBER_WORDS.items():
+        assert number_words(digits) == words
+    assert number_words("7" * 40) == " ".join(["seven"] * 40)  # beyond inflect's range: digit by digit
+
+
+@pytest.mark.slow
+def test_number_words_matches_inflect() -> None:
+    inflect = pytest.importorskip("inflect")  # importing it takes seconds, hence slow
+    engine = inflect.engine()
+    rng = random.Random(11)
+    samples = [str(i) for i in range(3000)]
+    samples += ["".join(rng.choice("0123456789") for _ in range(n)) for n in range(1, 37) for _ in range(200)]
+    for digits in samples:
+        assert number_words(digits) == engine.number_to_words(digits), digits
+
+
+# -- prepare_text ------------------------------------------------------------------------------------------
+
+
+def test_prepare_text_equals_official_on_ordinary_text(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    for name, backend, case in _normalize_setups(fixtures):
+        text = case["text"]
+        if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\t\n" for c in text):
+            continue  # we strip control characters; the official code does not
+        if backend == "wetext" and ('"' in text or "\\" in text):
+            continue  # we undo wetext's backslash escaping; the official code does not
+        expected = [p for p in case["split"] if any(c.isalnum() for c in p)]
+        if not expected:
+            with pytest.raises(InputError):
+                prepare_text(text, tokenizer=tokenizer, backend=backend)
+        else:
+            assert prepare_text(text, tokenizer=tokenizer, backend=backend) == expected, (name, text)
+
+
+@pytest.mark.parametrize("bad", [None, 42, b"bytes", ["a list"]])
+def test_prepare_text_rejects_non_strings(tokenizer: TextTokenizer, bad: object) -> None:
+    with pytest.raises(InputError, match="string"):
+        prepare_text(bad, tokenizer=tokenizer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\n\t \r\n", "\x00\x07\u200b"])
+def test_prepare_text_rejects_empty(tokenizer: TextTokenizer, empty: str) -> None:
+    with pytest.raises(InputError, match="empty"):
+        prepare_text(empty, tokenizer=tokenizer, backend="none")
+
+
+@pytest.mark.parametrize("unspeakable", ["!!! ... ???", "🙂🙂🙂", "©®™ — •", "。，！？", "* * *"])
+def test_prepare_text_rejects_unspeakable(tokenizer: TextTokenizer, unspeakable: str) -> None:
+    with pytest.raises(InputError, match="nothing to speak"):
+        prepare_text(unspeakable, tokenizer=tokenizer, backend="none")
+
+
+def test_prepare_text_strips_control_characters(tokenizer: TextTokenizer) -> None:
+    plain = prepare_text("Hello world, how are you?", tokenizer=tokenizer, backend="none")
+    noisy = prepare_text("Hel\x00lo wor\u200bld,\x07 how are you?\x1b", tokenizer=tokenizer, backend="none")
+    assert noisy == plain
+    assert clean_text("a\r\nb\rc\td\x0c") == "a\nb\nc\td"
+
+
+@pytest.mark.parametrize("backend", ["none", "wetext"])
+def test_prepare_text_keeps_tags(tokenizer: TextTokenizer, backend: str) -> None:
+    if backend == "wetext":
+        pytest.importorskip("wetext")
+    texts = [
+        "[breath]Hello there, I have 3 things to say. <strong>This is important. Listen to all 2 of "
+        "them!</strong> [laughter] Thanks a lot [sigh]. " * 6,
+        "他突然[laughter]停下来，因为这个故事真的<strong>太好笑了。真的有3次</strong>了。"
+        "[breath]我们继续吧！" * 6,
+    ]
+    for text in texts:
+        pieces = prepare_text(text, tokenizer=tokenizer, backend=backend)
+        assert len(pieces) > 1
+        for tag in FINE_GRAINED_TAGS:
+            assert sum(p.count(tag) for p in pieces) == text.count(tag), tag
+        for piece in pieces:
+            # A span never straddles two pieces, and every tag is still one token.
+            assert piece.count("<strong>") == piece.count("</strong>")
+            ids = tokenizer.encode(piece)
+            for tag in FINE_GRAINED_TAGS:
+                assert ids.count(tokenizer.token_id(tag)) == piece.count(tag)
+
+
+def _long_texts() -> dict[str, str]:
+    rng = random.Random(7)
+    words = "the quick brown fox jumps over a lazy dog while seven ducks sing near our old mill".split()
+    sentences = []
+    while sum(map(len, sentences)) < 20_000:
+        n = rng.randint(3, 40)
+        sentence = " ".join(rng.choice(words) for _ in range(n)) + rng.choice([".", "!", "?", ";", ","])
+        sentences.append(sentence.capitalize() + (f" {rng.randint(1, 9999)}" if rng.random() < 0.2 else ""))
+    english = " ".join(sentences)[:20_000]
+    return {
+        "english": english,
+        "english_no_punctuation": english.replace(".", "").replace("!", "").replace("?", "").replace(";", ""),
+        "one_long_word": "ab" * 10_000,
+        "chinese": ("今天天气很好，我们一起去公园散步吧。" * 1200)[:20_000],
+        "chinese_no_punctuation": ("今天天气很好我们一起去公园散步吧" * 1300)[:20_000],
+        "tags_no_punctuation": ("[breath]八百标兵奔北坡<strong>北坡炮兵并排跑</strong>" * 800)[:20_000],
+    }
+
+
+@pytest.mark.parametrize("name", list(_long_texts()))
+def test_long_text_is_split_within_limits(tokenizer: TextTokenizer, name: str) -> None:
+    text = _long_texts()[name]
+    assert len(text) > 19_000
+    pieces = prepare_text(text, tokenizer=tokenizer, backend="none")
+    assert len(pieces) > 20
+    assert all(0 < _length(tokenizer, p) <= PIECE_HARD_LIMIT for p in pieces)
+    # Nothing is lost: the pieces put back together are the normalised text (plus its final mark).
+    whole = normalize(text, split=False, backend="none")
+    joined = "".join(pieces)
+    assert joined in (whole, whole + ".", whole + "。")
+
+
+# -- streaming ---------------------------------------------------------------------------------------------
+
+_STREAM_TEXTS = [
+    "Hello world.  I have 3 apples, and 25 oranges!\nHow about you? It's 10:30 now; the price is $12.50 "
+    '(about 1,000,000 yen). "Quoted." Done',
+    "  The quick brown fox jumps over 2 lazy dogs; then it ran away... Really?! Yes: 100% sure, e.g. "
+    "twice   ",
+    "今天天气很好，我们一起去公园散步吧。明天会下雨吗？我不知道！气温12.5度，湿度80%。",
+    "春天来了，花儿开了，鸟儿在树上唱歌，孩子们在草地上奔跑，老人们坐在长椅上聊天，一切都是那么美好，",
+    "他突然[laughter]停下来，因为这个故事真的<strong>太好笑</strong>了。 ABC DEF 的内容。\n第三句（括号）。",
+]
+
+
+def _stream(text: str, normalizer: StreamingNormalizer, rng: random.Random) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 8)
+        out += normalizer.push(text[i : i + n])
+        i += n
+    return out + normalizer.flush()
+
+
+@pytest.mark.parametrize("index", range(len(_STREAM_TEXTS)))
+def test_streaming_equals_whole_text(index: int) -> None:
+    text = _STREAM_TEXTS[index]
+    rng = random.Random(index)
+    whole = normalize(text, split=False, backend="none")
+    normalizer = StreamingNormalizer(backend="none")
+    for trial in range(12):
+        normalizer = StreamingNormalizer(backend="none", max_pending=rng.choice([4, 16, 80]))
+        segments = _stream(text, normalizer, rng)
+        assert all(segments), "no empty segments"
+        assert "".join(segments) == whole, trial
+    # The normaliser is reusable after flush.
+    assert "".join(_stream(text, normalizer, rng)) == whole
+
+
+def test_streaming_with_wetext() -> None:
+    pytest.importorskip("wetext")
+    rng = random.Random(3)
+    for text in [
+        "I bought 3 books. She read 25 pages today! We left at 10:30.",
+        "今天是2024年3月4日。气温12.5度。",
+    ]:
+        whole = normalize(text, split=False, backend="wetext")
+        segments = _stream(text, StreamingNormalizer(backend="wetext"), rng)
+        assert "".join(segments) == whole
+
+
+def test_streaming_emits_early_and_rejects_bad_input() -> None:
+    normalizer = StreamingNormalizer(backend="none")
+    assert normalizer.push("First sentence") == []
+    assert normalizer.push(" ends here. Second") == ["First sentence ends here."]
+    assert normalizer.flush() == [" Second"]
+    assert normalizer.flush() == []
+    with pytest.raises(InputError):
+        normalizer.push(None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="backend"):
+        StreamingNormalizer(backend="bogus")  # type: ignore[arg-type]
