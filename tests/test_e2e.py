@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import load_pt
 
 import cosyvoice2
 from cosyvoice2.synthesis import StreamSchedule, new_generator
 from cosyvoice2.voice import VoiceReference
-
-from conftest import load_pt
 
 SPEECH_ATOL = 5e-4
 FEAT_ATOL = 1e-5

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import load_pt
 
 from cosyvoice2 import convert
 from cosyvoice2.flow import Flow, FlowConfig
@@ -15,8 +16,6 @@ from cosyvoice2.model_dir import Models
 from cosyvoice2.synthesis import Request, StreamSchedule, Synthesizer, _Prompt
 from cosyvoice2.voice import VoiceReference
 
-from conftest import load_pt
-
 SPEECH_ATOL = 5e-4  # FIXTURES.md: HiFT source and speech
 
 
@@ -24,8 +23,12 @@ SPEECH_ATOL = 5e-4  # FIXTURES.md: HiFT source and speech
 def setup(fixtures):
     flow_cfg = json.loads((fixtures / "flow_small" / "config.json").read_text())
     hift_cfg = json.loads((fixtures / "hift_small" / "config.json").read_text())
-    flow = convert.load_flow(Flow(FlowConfig.from_official(flow_cfg)), fixtures / "flow_small" / "flow.pt").eval()
-    hift = convert.load_hift(HiFT(HiFTConfig.from_official(hift_cfg)), fixtures / "hift_small" / "hift.pt").eval()
+    flow = convert.load_flow(
+        Flow(FlowConfig.from_official(flow_cfg)), fixtures / "flow_small" / "flow.pt"
+    ).eval()
+    hift = convert.load_hift(
+        HiFT(HiFTConfig.from_official(hift_cfg)), fixtures / "hift_small" / "hift.pt"
+    ).eval()
     models = Models(lm=None, flow=flow, hift=hift, frontend=None)
     inputs = load_pt(fixtures / "pipeline_small" / "inputs.pt")
     meta = json.loads((fixtures / "pipeline_small" / "meta.json").read_text())
@@ -50,7 +53,9 @@ def _prompt(inputs) -> _Prompt:
 def test_offline_matches_official(setup, fixtures):
     synth, inputs, meta, voice = setup
     want = load_pt(fixtures / "pipeline_small" / "nonstream.pt")["tts_speech"][0]
-    req = Request(source_tokens=inputs["speech_token"][0], voice=voice, seed=meta["seeds"]["pipeline_nonstream"])
+    req = Request(
+        source_tokens=inputs["speech_token"][0], voice=voice, seed=meta["seeds"]["pipeline_nonstream"]
+    )
     (got,) = list(synth.run(req))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=SPEECH_ATOL, rtol=0)
@@ -61,7 +66,9 @@ def test_speed_matches_official(setup, fixtures):
     (path,) = (fixtures / "pipeline_small").glob("nonstream_speed*_first*.pt")
     speed = float(re.fullmatch(r"nonstream_speed([0-9.]+)_first\d+\.pt", path.name).group(1))
     ref = load_pt(path)
-    req = Request(source_tokens=ref["speech_token"][0], voice=voice, speed=speed, seed=meta["seeds"]["pipeline_speed"])
+    req = Request(
+        source_tokens=ref["speech_token"][0], voice=voice, speed=speed, seed=meta["seeds"]["pipeline_speed"]
+    )
     (got,) = list(synth.run(req))
     want = ref["tts_speech"][0]
     assert got.shape == want.shape
@@ -89,6 +96,11 @@ def test_official_schedule_does_not_leak_between_requests(setup, fixtures):
     for _ in range(2):
         gen = torch.Generator().manual_seed(meta["seeds"]["pipeline_stream"])
         tokens = iter(inputs["speech_token"][0].tolist())
-        runs.append([c.shape[0] for c in synth.stream_official(tokens, _prompt(inputs), StreamSchedule.official(), 1.0, gen)])
+        runs.append(
+            [
+                c.shape[0]
+                for c in synth.stream_official(tokens, _prompt(inputs), StreamSchedule.official(), 1.0, gen)
+            ]
+        )
     assert runs[0] == runs[1]
     assert len(runs[1]) == len(meta["token2wav_calls"]["stream"])

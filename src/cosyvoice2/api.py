@@ -1,7 +1,7 @@
 """The public Python API.
 
     import cosyvoice2
-    tts = cosyvoice2.load()                     # the shipped default model, or load("path/to/CosyVoice2-0.5B")
+    tts = cosyvoice2.load()                     # the shipped model, or load("path/to/CosyVoice2-0.5B")
     voice = tts.voice("prompt.wav", text="transcript of the prompt")
     audio = tts.synthesize("Hello there.", voice=voice)           # float32 numpy, tts.sample_rate Hz
     for chunk in tts.stream(llm_text_pieces, voice=voice): ...    # audio while the text is still arriving
@@ -40,8 +40,14 @@ class CosyVoice2:
 
     # -- voices ------------------------------------------------------------------------------------
 
-    def voice(self, audio: AudioSource, text: str | None = None, *, name: str | None = None,
-              src_rate: int | None = None) -> VoiceReference:
+    def voice(
+        self,
+        audio: AudioSource,
+        text: str | None = None,
+        *,
+        name: str | None = None,
+        src_rate: int | None = None,
+    ) -> VoiceReference:
         """Compute a reusable voice from prompt audio (0.5-30 s) and, optionally, its transcript."""
         return self.models.frontend.voice(audio, text, name=name, src_rate=src_rate)
 
@@ -58,23 +64,47 @@ class CosyVoice2:
             if name.endswith(".voice") or Path(name).is_file():
                 return VoiceReference.load(name)
             return self.models.speaker(name)  # raises with the list of known speakers
-        raise InputError(f"voice must be a VoiceReference, a speaker name or a .voice path, not {type(voice).__name__}")
+        raise InputError(
+            f"voice must be a VoiceReference, a speaker name or a .voice path, not {type(voice).__name__}"
+        )
 
     # -- synthesis ---------------------------------------------------------------------------------
 
-    def request(self, text, voice: VoiceLike = None, instruct: str | None = None, speed: float = 1.0,
-                seed: int | None = None, stream: bool = False, schedule: StreamSchedule | str | None = None,
-                text_frontend: bool = True) -> Request:
+    def request(
+        self,
+        text,
+        voice: VoiceLike = None,
+        instruct: str | None = None,
+        speed: float = 1.0,
+        seed: int | None = None,
+        stream: bool = False,
+        schedule: StreamSchedule | str | None = None,
+        text_frontend: bool = True,
+    ) -> Request:
         if isinstance(schedule, str):
             schedule = StreamSchedule.official() if schedule == "official" else StreamSchedule()
         if text is not None and not isinstance(text, str) and not isinstance(text, Iterable):
             raise InputError(f"text must be a string or an iterable of strings, not {type(text).__name__}")
-        return Request(text=text, voice=self.resolve_voice(voice), instruct=instruct, speed=float(speed),
-                       seed=seed, stream=stream, schedule=schedule or StreamSchedule(),
-                       text_frontend=text_frontend)
+        return Request(
+            text=text,
+            voice=self.resolve_voice(voice),
+            instruct=instruct,
+            speed=float(speed),
+            seed=seed,
+            stream=stream,
+            schedule=schedule or StreamSchedule(),
+            text_frontend=text_frontend,
+        )
 
-    def synthesize(self, text: str | Iterable[str], voice: VoiceLike = None, instruct: str | None = None,
-                   speed: float = 1.0, seed: int | None = None, progress: bool = False) -> np.ndarray:
+    def synthesize(
+        self,
+        text: str | Iterable[str],
+        voice: VoiceLike = None,
+        instruct: str | None = None,
+        speed: float = 1.0,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         """Text (any length; long texts are split into sentences) -> float32 audio [n]."""
         req = self.request(text, voice, instruct, speed, seed)
         chunks = self.synth.run(req)
@@ -86,20 +116,34 @@ class CosyVoice2:
                 chunks = tqdm(chunks, total=n, unit="sentence", desc="synthesising")
         return _join(chunks)
 
-    def stream(self, text: str | Iterable[str], voice: VoiceLike = None, instruct: str | None = None,
-               speed: float = 1.0, seed: int | None = None, schedule: StreamSchedule | str | None = None,
-               text_frontend: bool = True) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        text: str | Iterable[str],
+        voice: VoiceLike = None,
+        instruct: str | None = None,
+        speed: float = 1.0,
+        seed: int | None = None,
+        schedule: StreamSchedule | str | None = None,
+        text_frontend: bool = True,
+    ) -> Iterator[np.ndarray]:
         """Audio chunks as they are made. ``text`` may be an iterable of pieces still being written.
 
         Closing the returned generator (or dropping it) cancels the request and frees its state.
         """
-        req = self.request(text, voice, instruct, speed, seed, stream=True, schedule=schedule,
-                           text_frontend=text_frontend)
+        req = self.request(
+            text, voice, instruct, speed, seed, stream=True, schedule=schedule, text_frontend=text_frontend
+        )
         for chunk in self.synth.run(req):
             yield chunk.detach().numpy().astype(np.float32, copy=False)
 
-    def convert(self, source: AudioSource, voice: VoiceLike, speed: float = 1.0, seed: int | None = None,
-                src_rate: int | None = None) -> np.ndarray:
+    def convert(
+        self,
+        source: AudioSource,
+        voice: VoiceLike,
+        speed: float = 1.0,
+        seed: int | None = None,
+        src_rate: int | None = None,
+    ) -> np.ndarray:
         """Voice conversion: the source's words and timing in ``voice``'s timbre."""
         target = self.resolve_voice(voice)
         if target is None:
@@ -112,7 +156,6 @@ class CosyVoice2:
 def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:
     parts = [c.detach().numpy().astype(np.float32, copy=False) for c in chunks]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
 
 
 def load(path: str | Path | None = None, *, text_backend: str = "auto") -> CosyVoice2:

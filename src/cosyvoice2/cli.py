@@ -84,7 +84,8 @@ def cmd_speak(args) -> int:
     if not args.quiet:
         dur = len(audio) / tts.sample_rate
         extra = f", first audio after {first:.2f} s" if first is not None else ""
-        print(f"wrote {out} ({dur:.2f} s of audio in {elapsed:.2f} s, RTF {elapsed / max(dur, 1e-9):.2f}{extra})")
+        rtf = elapsed / max(dur, 1e-9)
+        print(f"wrote {out} ({dur:.2f} s of audio in {elapsed:.2f} s, RTF {rtf:.2f}{extra})")
     return 0
 
 
@@ -92,7 +93,9 @@ def cmd_voice(args) -> int:
     tts = _load(args)
     voice = tts.voice(args.prompt_wav, text=args.prompt_text, name=args.name)
     path = voice.save(args.output)
-    print(f"saved voice to {path} ({voice.duration:.2f} s prompt, transcript: {'yes' if voice.text else 'no'})")
+    print(
+        f"saved voice to {path} ({voice.duration:.2f} s prompt, transcript: {'yes' if voice.text else 'no'})"
+    )
     return 0
 
 

@@ -71,8 +71,14 @@ class Frontend:
 
     # -- voices ----------------------------------------------------------------------------------
 
-    def voice(self, audio: AudioSource, text: str | None = None, *, name: str | None = None,
-              src_rate: int | None = None) -> VoiceReference:
+    def voice(
+        self,
+        audio: AudioSource,
+        text: str | None = None,
+        *,
+        name: str | None = None,
+        src_rate: int | None = None,
+    ) -> VoiceReference:
         """Prompt audio (path, bytes, file-like or array with ``src_rate``) + optional transcript -> voice."""
         limits = dict(min_seconds=MIN_PROMPT_SECONDS, max_seconds=MAX_PROMPT_SECONDS, src_rate=src_rate)
         wav24 = load_audio(audio, RATES.sample_rate, **limits)
@@ -81,11 +87,14 @@ class Frontend:
         wav16 = load_audio(audio, RATES.tokenizer_sample_rate, **limits)
         return self.voice_from_waveforms(wav24, wav16, text, name=name)
 
-    def voice_from_waveforms(self, wav24: np.ndarray, wav16: np.ndarray, text: str | None = None, *,
-                             name: str | None = None) -> VoiceReference:
+    def voice_from_waveforms(
+        self, wav24: np.ndarray, wav16: np.ndarray, text: str | None = None, *, name: str | None = None
+    ) -> VoiceReference:
         """The same prompt at 24 kHz (flow mel) and 16 kHz (tokens, embedding) -> voice."""
         if self.tokenize_speech is None or self.embed_speaker is None:
-            raise InputError("this model has no speech tokenizer / speaker encoder, so it cannot clone voices")
+            raise InputError(
+                "this model has no speech tokenizer / speaker encoder, so it cannot clone voices"
+            )
         t24 = torch.from_numpy(np.ascontiguousarray(wav24, np.float32)).reshape(1, -1)
         t16 = torch.from_numpy(np.ascontiguousarray(wav16, np.float32)).reshape(1, -1)
         with torch.inference_mode():
@@ -109,8 +118,13 @@ class Frontend:
         """Voice-conversion source audio -> speech tokens [L] int32."""
         if self.tokenize_speech is None:
             raise InputError("this model has no speech tokenizer, so it cannot convert voices")
-        wav16 = load_audio(audio, RATES.tokenizer_sample_rate, src_rate=src_rate,
-                           min_seconds=MIN_PROMPT_SECONDS, max_seconds=MAX_SOURCE_SECONDS)
+        wav16 = load_audio(
+            audio,
+            RATES.tokenizer_sample_rate,
+            src_rate=src_rate,
+            min_seconds=MIN_PROMPT_SECONDS,
+            max_seconds=MAX_SOURCE_SECONDS,
+        )
         return self.source_tokens_from_waveform(wav16)
 
     def source_tokens_from_waveform(self, wav16: np.ndarray) -> Tensor:

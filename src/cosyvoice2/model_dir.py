@@ -59,7 +59,9 @@ class Models:
             raise InputError(f"unknown speaker {name!r} (built-in speakers: {known})")
         return self.speakers[name]
 
-    def lm_generate(self, text_ids: list[int], prompt_text: list[int], prompt_speech: Tensor, gen) -> Iterator[int]:
+    def lm_generate(
+        self, text_ids: list[int], prompt_text: list[int], prompt_speech: Tensor, gen
+    ) -> Iterator[int]:
         return self.lm.generate(text_ids, prompt_text, prompt_speech, generator=gen)
 
     def stream_text_ids(self, pieces: Iterable[str], text_frontend: bool = True) -> Iterator[list[int]]:
@@ -82,14 +84,16 @@ class Models:
         if not any_text:
             raise InputError("the text stream had nothing to speak")
 
-    def lm_generate_bistream(self, chunks: Iterator[list[int]], prompt_text: list[int], prompt_speech: Tensor,
-                             gen) -> Iterator[int]:
+    def lm_generate_bistream(
+        self, chunks: Iterator[list[int]], prompt_text: list[int], prompt_speech: Tensor, gen
+    ) -> Iterator[int]:
         return self.lm.generate_bistream(chunks, prompt_text, prompt_speech, generator=gen)
 
     def flow_inference(self, tokens: list[int], prompt, *, streaming: bool, finalize: bool) -> Tensor:
         tok = torch.tensor(tokens, dtype=torch.int32)[None]
-        return self.flow.inference(tok, prompt.flow_tokens, prompt.flow_mel, prompt.embedding,
-                                   streaming=streaming, finalize=finalize)
+        return self.flow.inference(
+            tok, prompt.flow_tokens, prompt.flow_mel, prompt.embedding, streaming=streaming, finalize=finalize
+        )
 
     def flow_stream_start(self, prompt):
         return self.flow.stream_start(prompt.flow_tokens, prompt.flow_mel, prompt.embedding)
@@ -130,7 +134,9 @@ def load_official_dir(model_dir: str | Path, *, onnx_threads: int = 1, text_back
     tokenizer = TextTokenizer.from_dir(root / QWEN_DIR)
     frontend = Frontend(
         tokenizer=tokenizer,
-        tokenize_speech=onnx_tokenize_fn(SpeechTokenizer(root / "speech_tokenizer_v2.onnx", threads=onnx_threads)),
+        tokenize_speech=onnx_tokenize_fn(
+            SpeechTokenizer(root / "speech_tokenizer_v2.onnx", threads=onnx_threads)
+        ),
         embed_speaker=onnx_embed_fn(SpeakerEncoder(root / "campplus.onnx", threads=onnx_threads)),
         text_backend=text_backend,
     )

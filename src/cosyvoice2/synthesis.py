@@ -127,7 +127,9 @@ class Synthesizer:
         if voice is None:
             voice = self.models.default_voice()
         if not voice.has_prompt:  # sft: speaker embedding only
-            return _Prompt([], empty, empty.reshape(1, 0), torch.zeros(1, 0, RATES.n_mels), voice.embedding[None])
+            return _Prompt(
+                [], empty, empty.reshape(1, 0), torch.zeros(1, 0, RATES.n_mels), voice.embedding[None]
+            )
         if req.source_tokens is not None:  # vc uses the unaligned prompt (official frontend_vc)
             tokens, mel = voice.speech_tokens, voice.mel
         else:
@@ -181,8 +183,9 @@ class Synthesizer:
         audio, _ = self.models.hift.inference(mel, generator=gen)
         return audio[0]
 
-    def stream_official(self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule,
-                        speed: float, gen) -> Iterator[Tensor]:
+    def stream_official(
+        self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule, speed: float, gen
+    ) -> Iterator[Tensor]:
         """The official chunk loop (SPEC §10): each chunk re-runs the flow on all tokens so far."""
         from .hift import VocoderStream
 
@@ -197,10 +200,12 @@ class Synthesizer:
             have.append(tok)
             this_hop = hop + pad if offset == 0 else hop
             if len(have) - offset >= this_hop + look:
-                mel = self.models.flow_inference(have[: offset + this_hop + look], prompt,
-                                                 streaming=True, finalize=False)[:, :, offset * ratio:]
-                audio, vstate = self.models.hift.stream_step(vstate, _apply_speed(mel, speed), final=False,
-                                                             generator=gen)
+                mel = self.models.flow_inference(
+                    have[: offset + this_hop + look], prompt, streaming=True, finalize=False
+                )[:, :, offset * ratio :]
+                audio, vstate = self.models.hift.stream_step(
+                    vstate, _apply_speed(mel, speed), final=False, generator=gen
+                )
                 offset += this_hop
                 hop = min(schedule.max, hop * schedule.growth)
                 if audio.numel():
@@ -208,13 +213,14 @@ class Synthesizer:
         if not have:
             return
         # SPEC §16.2: the official final chunk runs the flow without chunk masks; the fixtures pin it.
-        mel = self.models.flow_inference(have, prompt, streaming=False, finalize=True)[:, :, offset * ratio:]
+        mel = self.models.flow_inference(have, prompt, streaming=False, finalize=True)[:, :, offset * ratio :]
         audio, _ = self.models.hift.stream_step(vstate, _apply_speed(mel, speed), final=True, generator=gen)
         if audio.numel():
             yield audio[0]
 
-    def stream_fast(self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule,
-                    speed: float, gen) -> Iterator[Tensor]:
+    def stream_fast(
+        self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule, speed: float, gen
+    ) -> Iterator[Tensor]:
         """Chunk-causal streaming with the flow state kept between chunks: each chunk costs O(chunk)."""
         from .hift import VocoderStream
 
@@ -226,11 +232,12 @@ class Synthesizer:
         for tok in tokens:
             have.append(tok)
             if len(have) - offset >= hop + look:
-                new = have[offset: offset + hop]
-                ahead = have[offset + hop: offset + hop + look]
+                new = have[offset : offset + hop]
+                ahead = have[offset + hop : offset + hop + look]
                 mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=False)
-                audio, vstate = self.models.hift.stream_step(vstate, _apply_speed(mel, speed), final=False,
-                                                             generator=gen)
+                audio, vstate = self.models.hift.stream_step(
+                    vstate, _apply_speed(mel, speed), final=False, generator=gen
+                )
                 offset += hop
                 hop = min(schedule.max, hop * schedule.growth)
                 if audio.numel():
