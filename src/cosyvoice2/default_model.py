@@ -9,7 +9,7 @@ A native model directory::
     speech_tokenizer.safetensors SpeechTokenizerModel          |  metadata, so it loads on its own
     speaker_encoder.safetensors  SpeakerEncoderModel          /
     tokenizer/                   text BPE: vocab.json, merges.txt, tokenizer_config.json (``TextTokenizer``)
-    speakers/<name>.voice        built-in voices (``VoiceReference`` files: prompt tokens, mel, embedding, text)
+    speakers/<name>.voice        built-in voices (``VoiceReference``: prompt tokens, mel, embedding, text)
     NOTICE                       licences of third-party weights (the speaker encoder)
 
 Weights are stored as float16 and loaded as float32 (CPU inference runs in float32). The same config
@@ -65,7 +65,9 @@ def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "config") 
     dataclass defaults.
     """
     if not isinstance(data, Mapping):
-        raise ModelLoadError(f"{where}: expected a table/object for {cls.__name__}, got {type(data).__name__}")
+        raise ModelLoadError(
+            f"{where}: expected a table/object for {cls.__name__}, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -113,8 +115,14 @@ def network_state(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[
     }
 
 
-def save_network(path: str | os.PathLike, model: nn.Module, *, kind: str, dtype: torch.dtype = torch.float16,
-                 notice: str | None = None) -> Path:
+def save_network(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    kind: str,
+    dtype: torch.dtype = torch.float16,
+    notice: str | None = None,
+) -> Path:
     """Write ``model`` (which has a ``cfg`` dataclass) to a safetensors file with its config, atomically."""
     path = Path(path)
     meta = {"format": NATIVE_FORMAT, "kind": kind, "config": json.dumps(config_to_dict(model.cfg))}
@@ -124,6 +132,7 @@ def save_network(path: str | os.PathLike, model: nn.Module, *, kind: str, dtype:
     os.close(fd)
     try:
         save_file(network_state(model, dtype), tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp files are private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -145,7 +154,9 @@ def read_network(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
 
 
-def load_network(path: str | os.PathLike, model_cls: type, cfg_cls: type, cfg: Any | None = None) -> nn.Module:
+def load_network(
+    path: str | os.PathLike, model_cls: type, cfg_cls: type, cfg: Any | None = None
+) -> nn.Module:
     """Build ``model_cls(cfg)`` (``cfg`` defaults to the config stored in the file) and load its weights."""
     state, meta = read_network(path)
     if cfg is None:
@@ -225,8 +236,13 @@ def save_native_dir(
     from .speaker import RESEMBLYZER_NOTICE
 
     root = Path(path)
-    nets = {"lm": lm, "flow": flow, "hift": hift, "speech_tokenizer": speech_tokenizer,
-            "speaker_encoder": speaker_encoder}  # fmt: skip
+    nets = {
+        "lm": lm,
+        "flow": flow,
+        "hift": hift,
+        "speech_tokenizer": speech_tokenizer,
+        "speaker_encoder": speaker_encoder,
+    }
     if any(nn.utils.parametrize.is_parametrized(m) for m in hift.modules()):
         hift = remove_weight_norm(copy.deepcopy(hift))
         nets["hift"] = hift
@@ -234,7 +250,9 @@ def save_native_dir(
     speakers = dict(speakers or {})
     for name in speakers:
         if not _NAME_RE.match(name):
-            raise CosyVoiceError(f"speaker name {name!r} is not usable as a file name ([A-Za-z0-9_.-], <= 64)")
+            raise CosyVoiceError(
+                f"speaker name {name!r} is not usable as a file name ([A-Za-z0-9_.-], <= 64)"
+            )
     if default_speaker is None and speakers:
         default_speaker = next(iter(speakers))
     if default_speaker is not None and default_speaker not in speakers:
@@ -249,11 +267,16 @@ def save_native_dir(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be read by others
         config = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION}
         for key, model in nets.items():
             config[key] = config_to_dict(model.cfg)
-            save_network(tmp / f"{key}.safetensors", model, kind=key,
-                         notice=notice or RESEMBLYZER_NOTICE if key == "speaker_encoder" else None)  # fmt: skip
+            save_network(
+                tmp / f"{key}.safetensors",
+                model,
+                kind=key,
+                notice=(notice or RESEMBLYZER_NOTICE) if key == "speaker_encoder" else None,
+            )
         config["text_tokenizer"] = TOKENIZER_DIR
         config["speakers"] = list(speakers)
         config["default_speaker"] = default_speaker
@@ -265,7 +288,11 @@ def save_native_dir(
         for name, voice in speakers.items():
             voice.save(tmp / SPEAKERS_DIR / f"{name}.voice")
         (tmp / "NOTICE").write_text((notice or RESEMBLYZER_NOTICE) + "\n", encoding="utf-8")
-        (tmp / NATIVE_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / NATIVE_CONFIG).write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        for f in tmp.rglob("*"):  # temp files are created private; a model is meant to be readable
+            f.chmod(0o755 if f.is_dir() else 0o644)
         old = None
         if root.exists():
             old = root.parent / f".{root.name}.old-{os.getpid()}"
@@ -292,7 +319,9 @@ def read_native_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     if raw.get("format") != NATIVE_FORMAT:
         raise ModelLoadError(f"{cfg_path}: not a {NATIVE_FORMAT} config")
     if int(raw.get("version", 0)) > NATIVE_VERSION:
-        raise ModelLoadError(f"{cfg_path} was written by a newer cosyvoice2 (format version {raw['version']})")
+        raise ModelLoadError(
+            f"{cfg_path} was written by a newer cosyvoice2 (format version {raw['version']})"
+        )
     cfgs = {}
     for key, (cfg_cls, _) in _networks().items():
         if key not in raw:
@@ -317,7 +346,9 @@ def load_native_dir(path: str | os.PathLike, *, text_backend: str = "auto"):
     }
     tokenizer = TextTokenizer.from_dir(root / raw.get("text_tokenizer", TOKENIZER_DIR))
     if len(tokenizer) > cfgs["lm"].vocab_size:
-        raise ModelLoadError(f"{root}: text tokenizer has {len(tokenizer)} ids, the LM only {cfgs['lm'].vocab_size}")
+        raise ModelLoadError(
+            f"{root}: text tokenizer has {len(tokenizer)} ids, the LM only {cfgs['lm'].vocab_size}"
+        )
     frontend = Frontend(
         tokenizer=tokenizer,
         tokenize_speech=nets["speech_tokenizer"].tokens,
