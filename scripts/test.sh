@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[serve,dev]"
+# Headless Chromium + playwright for the page test (Debian package; no browser download).
+bash scripts/setup_browser_test.sh || echo "browser test set-up failed: tests/test_server_browser.py will skip"
 ruff check .
 ruff format --check .
 python -m pytest

@@ -119,6 +119,21 @@ def cmd_speakers(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    serve(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        api_key=args.api_key,
+        max_active=args.max_active,
+        cors_origins=args.cors_origin or [],
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyvoice2", description="Streaming zero-shot text-to-speech")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_voice_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="speech API server (OpenAI-compatible)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="model directory (default: the model shipped with cosyvoice2)")
+    p.add_argument("--data-dir", help="where saved voices live (default: $XDG_DATA_HOME/cosyvoice2)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $COSYVOICE2_API_KEY)")
+    p.add_argument("--max-active", type=int, default=2, help="concurrent requests; more get 429")
+    p.add_argument("--cors-origin", action="append", help="allow a browser origin (repeatable)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("speakers", help="list built-in speakers")
     _add_model_args(p)

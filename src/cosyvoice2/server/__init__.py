@@ -1,0 +1,99 @@
+"""``cosyvoice2 serve``: an OpenAI-compatible speech API with WebSocket streaming, a voice library and a page.
+
+    from cosyvoice2.server import create_app, Settings, serve
+    serve(model=None, host="127.0.0.1", port=8000, data_dir=None, api_key=None, max_active=2, cors_origins=[])
+
+See ``cosyvoice2.server.app`` for the routes and the WebSocket protocol. Needs the ``serve`` extra
+(fastapi, uvicorn, python-multipart, websockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .app import Settings, create_app
+
+__all__ = ["Settings", "create_app", "serve", "uvicorn_config"]
+
+log = logging.getLogger("cosyvoice2.server")
+
+WS_MAX_MESSAGE_BYTES = 256 * 1024  # one WebSocket message (text pieces are small; this bounds a frame)
+
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """The uvicorn configuration ``serve`` uses (tests use it too, so they run what users run)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        ws="websockets-sansio" if _has_sansio() else "auto",
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
+def _has_sansio() -> bool:
+    try:
+        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def serve(
+    model: str | None,
+    host: str,
+    port: int,
+    data_dir: str | None,
+    api_key: str | None,
+    max_active: int,
+    cors_origins: list[str],
+) -> None:
+    """Load ``model`` (a model directory; None: the default model) and serve it until interrupted.
+
+    ``data_dir`` holds the voice library (None: $XDG_DATA_HOME/cosyvoice2, i.e. ~/.local/share/cosyvoice2).
+    ``api_key`` (None: $COSYVOICE2_API_KEY if set, else no auth) is required as ``Authorization: Bearer``
+    on every route except ``/``, ``/static/*`` and ``/health``. ``max_active`` synthesis requests run at
+    once; more get 429. ``cors_origins`` ([] = CORS off) are the browser origins allowed to call the API.
+    """
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - the serve extra is missing
+        from cosyvoice2.errors import CosyVoiceError
+
+        raise CosyVoiceError("the server needs the serve extra: pip install 'cosyvoice2[serve]'") from e
+    import cosyvoice2
+
+    if max_active < 1:
+        from cosyvoice2.errors import CosyVoiceError
+
+        raise CosyVoiceError(f"max_active must be at least 1, got {max_active}")
+    api_key = api_key or os.environ.get("COSYVOICE2_API_KEY") or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use it", host)
+    tts = cosyvoice2.load(model)
+    settings = Settings(
+        data_dir=data_dir, api_key=api_key, max_active=max_active, cors_origins=list(cors_origins or [])
+    )
+    app = create_app(tts, settings)
+    log.info(
+        "cosyvoice2 serving on http://%s:%d (voices in %s, %d synthesis slots, auth %s)",
+        host if ":" not in host else f"[{host}]",
+        port,
+        settings.resolved_data_dir(),
+        max_active,
+        "on" if api_key else "off",
+    )
+    uvicorn.Server(uvicorn_config(app, host, port)).run()

@@ -1,0 +1,705 @@
+"""`cosyvoice2 serve` end to end: a real uvicorn server on loopback, the fixture model, no mocks.
+
+Covers the OpenAI client (plain and streaming), the WebSocket protocol (text streamed in, audio out,
+cancellation), the voice library and its persistence across restarts, 8 concurrent streams, 429 when
+over the limit, auth on and off, metrics, and a fuzz of malformed requests that must all end in 4xx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import resource
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import fixture_root
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+ws_client = pytest.importorskip("websockets.sync.client")
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+
+import cosyvoice2  # noqa: E402
+from cosyvoice2.audio import load_audio  # noqa: E402
+from cosyvoice2.server import Settings, create_app, uvicorn_config  # noqa: E402
+from cosyvoice2.server.metrics import Counter, Gauge, Histogram  # noqa: E402
+from cosyvoice2.server.voices import VoiceStore, clean_name, valid_id  # noqa: E402
+
+SR = 24000
+SHORT = "Hi."  # with seed 0, under a second of audio from the fixture model
+LONG = " ".join(["This is a long sentence that keeps the model busy for a while."] * 12)
+
+
+def model_dir() -> Path:
+    return fixture_root() / "e2e_small" / "model"
+
+
+def prompt_wav() -> bytes:
+    return (fixture_root() / "e2e_small" / "prompt_24k.wav").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def tts():
+    if not model_dir().is_dir():
+        pytest.skip(f"fixture model {model_dir()} not found; set COSYVOICE2_FIXTURES")
+    return cosyvoice2.load(model_dir())
+
+
+class LiveServer:
+    """create_app + uvicorn (the same config `serve` uses) in a thread, on a pre-bound loopback socket."""
+
+    def __init__(self, tts, **settings) -> None:
+        self.settings = Settings(**settings)
+        self.app = create_app(tts, self.settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/audio/speech/stream"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server did not stop"
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def active(self) -> int:
+        return httpx.get(self.url + "/health", timeout=10).json()["active"]
+
+    def wait_idle(self, timeout: float = 5.0) -> float:
+        """Seconds until no synthesis slot is held (fails after ``timeout``)."""
+        t0 = time.monotonic()
+        while self.active() != 0:
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"synthesis slots still held after {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+
+def upload_voice(client: httpx.Client, audio: bytes, text: str | None = None, name: str | None = None, **kw):
+    data = {k: v for k, v in (("text", text), ("name", name)) if v is not None}
+    files = {"audio": (kw.pop("filename", "prompt.wav"), audio, kw.pop("mime", "audio/wav"))}
+    return client.post("/v1/voices", files=files, data=data, **kw)
+
+
+@pytest.fixture(scope="module")
+def live(tts, tmp_path_factory):
+    with LiveServer(tts, data_dir=tmp_path_factory.mktemp("voices"), max_active=8) as srv:
+        with srv.client() as c:
+            r = upload_voice(c, prompt_wav(), name="alloy")  # no transcript: cross-lingual, the cheap mode
+            assert r.status_code == 201, r.text
+            srv.voice_id = r.json()["id"]
+        yield srv
+
+
+def ws_speak(url: str, pieces: list[str], start: dict, headers: dict | None = None):
+    """Stream ``pieces`` in; return (started, audio bytes, frame count, final message)."""
+    audio, frames = bytearray(), 0
+    with ws_client.connect(url, additional_headers=headers, open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "start", **start}))
+        started = json.loads(ws.recv(timeout=10))
+        for piece in pieces:
+            ws.send(json.dumps({"type": "text", "text": piece}))
+        ws.send(json.dumps({"type": "end"}))
+        while True:
+            msg = ws.recv(timeout=30)
+            if isinstance(msg, bytes):
+                audio += msg
+                frames += 1
+            else:
+                return started, bytes(audio), frames, json.loads(msg)
+
+
+def pcm(data: bytes) -> np.ndarray:
+    assert len(data) % 2 == 0
+    return np.frombuffer(data, "<i2").astype(np.float32) / 32768
+
+
+def assert_error(r: httpx.Response, status: int | None = None, code: str | None = None) -> dict:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    if status is not None:
+        assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"]["message"], str), body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units without a model
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_metrics_text_format():
+    c = Counter("x_total", "help", ("route",))
+    c.inc(route='a"b\\')
+    g = Gauge("g", "gauge")
+    g.set(3)
+    h = Histogram("h_seconds", "hist", (0.1, 1.0), ("route",))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v, route="r")
+    text = "\n".join(c.render() + g.render() + h.render())
+    assert 'x_total{route="a\\"b\\\\"} 1' in text
+    assert "# TYPE g gauge\ng 3" in text
+    assert 'h_seconds_bucket{route="r",le="0.1"} 1' in text
+    assert 'h_seconds_bucket{route="r",le="1"} 2' in text
+    assert 'h_seconds_bucket{route="r",le="+Inf"} 3' in text
+    assert 'h_seconds_count{route="r"} 3' in text
+    with pytest.raises(ValueError):
+        c.inc(wrong="x")
+
+
+def test_voice_store_ids_names_and_orphans(tmp_path):
+    assert valid_id("v_0123456789abcdef")
+    for bad in ("../x", "v_0123456789abcdeg", "v_0123456789abcdef/..", "", "V_0123456789ABCDEF", "v_1"):
+        assert not valid_id(bad)
+    assert clean_name("  Alice ") == "Alice" and clean_name("") is None
+    for bad in ("x" * 65, "a\nb", "v_0123456789abcdef", "Default"):
+        with pytest.raises(cosyvoice2.InputError):
+            clean_name(bad)
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "v_0123456789abcdef.voice").write_bytes(b"orphan")
+    (voices / ".v_x.voice.123.tmp").write_bytes(b"half-written")
+    store = VoiceStore(tmp_path)
+    assert sorted(p.name for p in voices.iterdir()) == [] and store.list() == []
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Basics, OpenAI client
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_health_page_models(live):
+    with live.client() as c:
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["sample_rate"] == SR and health["max_active"] == 8
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "/v1/audio/speech/stream" in page.text and "AudioContext" in page.text
+        models = c.get("/v1/models").json()
+        assert {"cosyvoice2", "tts-1"} <= {m["id"] for m in models["data"]}
+        voices = c.get("/v1/voices").json()
+        assert voices["openai_aliases"]["alloy"] == live.voice_id  # a saved voice named alloy wins
+        assert voices["openai_aliases"]["echo"] == "default"  # the fixture model has no built-in speakers
+
+
+def test_openai_client_plain_and_streaming(live):
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    # Plain: a complete wav file (stream=false gives exact RIFF sizes).
+    wav = client.audio.speech.create(
+        model="tts-1",
+        voice="alloy",
+        input=SHORT,
+        response_format="wav",
+        extra_body={"seed": 0, "stream": False},
+    )
+    audio, sr = sf.read(io.BytesIO(wav.content), dtype="float32")
+    assert sr == SR and audio.ndim == 1 and len(audio) > SR // 4 and np.abs(audio).max() > 0
+    # Streaming: pcm arrives as it is made.
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice=live.voice_id, input=SHORT, response_format="pcm", extra_body={"seed": 0}
+    ) as resp:
+        assert resp.headers["content-type"] == "audio/pcm" and resp.headers["x-sample-rate"] == str(SR)
+        chunks = [c for c in resp.iter_bytes() if c]
+    samples = pcm(b"".join(chunks))
+    assert len(samples) > SR // 4 and np.abs(samples).max() > 0
+    # mp3 (OpenAI's default format), streamed with the same seed: the same speech, so about the same length.
+    mp3 = client.audio.speech.create(model="tts-1", voice="alloy", input=SHORT, extra_body={"seed": 0})
+    decoded = load_audio(mp3.content, SR)
+    assert abs(len(decoded) - len(samples)) < 0.1 * SR
+
+
+@pytest.mark.parametrize("fmt", ["opus", "aac", "flac"])
+def test_streamed_formats_decode(live, fmt):
+    body = {"input": SHORT, "voice": "alloy", "response_format": fmt, "seed": 0, "speed": 1.25}
+    if fmt == "opus":
+        body["instruct"] = "Speak happily."  # instruct2 with a cloned voice
+    elif fmt == "aac":
+        body["instructions"] = "Speak slowly."  # OpenAI's name for it
+    with live.client() as c:
+        r = c.post("/v1/audio/speech", json=body)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith(
+            {"opus": "audio/ogg", "aac": "audio/aac"}.get(fmt, "audio/")
+        )
+        audio = load_audio(r.content, SR)
+        assert len(audio) > SR // 8 and np.isfinite(audio).all()
+
+
+def test_http_stream_disconnect_frees_slot(live):
+    with live.client() as c:
+        with c.stream(
+            "POST", "/v1/audio/speech", json={"input": LONG, "voice": "alloy", "response_format": "pcm"}
+        ) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())  # the first audio, then the client goes away
+        assert live.wait_idle(5.0) < 5.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# WebSocket
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_websocket_text_in_audio_out(live):
+    pieces = ["Hello ", "there, ", "how are", " you?"]
+    started, audio, frames, done = ws_speak(
+        live.ws_url, pieces, {"voice": live.voice_id, "format": "pcm", "seed": 3}
+    )
+    assert started["type"] == "started" and started["sample_rate"] == SR and started["format"] == "pcm"
+    assert done["type"] == "done", done
+    assert done["bytes"] == len(audio) and done["chunks"] == frames >= 1
+    assert done["audio_seconds"] == pytest.approx(len(audio) / 2 / SR, abs=1e-3)
+    assert done["first_packet_latency_ms"] > 0 and done["rtf"] > 0 and done["compute_seconds"] > 0
+    assert np.abs(pcm(audio)).max() > 0
+    # Another format over the socket: mp3 frames concatenate into one decodable stream.
+    _, mp3, _, done = ws_speak(live.ws_url, ["Hi ", "there."], {"voice": "alloy", "format": "mp3", "seed": 3})
+    assert done["type"] == "done" and len(load_audio(mp3, SR)) > SR // 8
+
+
+def test_websocket_disconnect_and_cancel_free_the_request(live):
+    # Client goes away mid-synthesis.
+    with ws_client.connect(live.ws_url, open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "start", "voice": "alloy", "text": LONG}))
+        ws.send(json.dumps({"type": "end"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        assert isinstance(ws.recv(timeout=30), bytes)
+        ws.socket.shutdown(socket.SHUT_RDWR)  # vanish without a close handshake
+    assert live.wait_idle(5.0) < 5.0
+    # Client cancels while the model waits for more text.
+    with ws_client.connect(live.ws_url, open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "start", "voice": "alloy"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        ws.send(json.dumps({"type": "text", "text": "Some text, and then"}))
+        time.sleep(0.2)
+        assert live.active() >= 1
+        ws.send(json.dumps({"type": "cancel"}))
+        while True:
+            msg = ws.recv(timeout=10)
+            if isinstance(msg, str):
+                assert json.loads(msg)["type"] == "cancelled"
+                break
+    assert live.wait_idle(5.0) < 5.0
+
+
+def test_concurrent_streams(live):
+    """8 streams at once (4 HTTP, 4 WebSocket): all complete, in bounded time and memory, slots freed."""
+    n = 8
+    results: list = [None] * n
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, peak so far
+
+    def http_stream(i: int) -> None:
+        with httpx.stream(
+            "POST",
+            live.url + "/v1/audio/speech",
+            json={"input": SHORT, "voice": "alloy", "response_format": "pcm", "seed": i % 3},
+            timeout=60,
+        ) as r:
+            results[i] = (r.status_code, b"".join(r.iter_bytes()))
+
+    def ws_stream(i: int) -> None:
+        _, audio, _, done = ws_speak(live.ws_url, ["Hi ", "there."], {"voice": "alloy", "seed": i % 3})
+        results[i] = (200 if done["type"] == "done" else 500, audio)
+
+    threads = [threading.Thread(target=http_stream if i % 2 else ws_stream, args=(i,)) for i in range(n)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    elapsed = time.monotonic() - t0
+    assert all(r is not None for r in results), "a stream did not finish"
+    for status, audio in results:
+        assert status == 200 and len(audio) > SR // 4  # at least 1/8 s of s16 samples
+    assert elapsed < 40, f"8 concurrent streams took {elapsed:.1f} s"
+    growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert growth_mib < 1024, f"peak RSS grew by {growth_mib:.0f} MiB"
+    live.wait_idle(5.0)
+    metrics = httpx.get(live.url + "/metrics", timeout=10).text
+    assert "cosyvoice2_active_requests 0" in metrics and "cosyvoice2_active_streams 0" in metrics
+    assert 'cosyvoice2_first_packet_seconds_count{route="/v1/audio/speech/stream"}' in metrics
+    assert 'cosyvoice2_rtf_bucket{route="/v1/audio/speech",le="+Inf"}' in metrics
+    assert 'cosyvoice2_requests_total{route="/v1/audio/speech",status="200"}' in metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Voice library
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_voice_library_crud_and_restart(tts, tmp_path):
+    data_dir = tmp_path / "data"
+    with LiveServer(tts, data_dir=data_dir, max_active=2) as srv, srv.client() as c:
+        r = upload_voice(c, prompt_wav(), text="hello world", name="Narrator")
+        assert r.status_code == 201, r.text
+        voice = r.json()
+        assert voice["id"].startswith("v_") and voice["name"] == "Narrator" and voice["has_transcript"]
+        assert voice["duration"] == pytest.approx(3.0, abs=0.05)
+        assert [v["id"] for v in c.get("/v1/voices").json()["data"]] == [voice["id"]]
+        assert c.get(f"/v1/voices/{voice['id']}").json() == voice
+        # Use it by name (zero-shot: it has a transcript).
+        body = {"input": SHORT, "voice": "Narrator", "response_format": "pcm", "seed": 0, "stream": False}
+        r = c.post("/v1/audio/speech", json=body)
+        assert r.status_code == 200 and len(r.content) > 0
+        first = r.content
+    assert (data_dir / "voices" / f"{voice['id']}.voice").is_file()
+
+    with LiveServer(tts, data_dir=data_dir, max_active=2) as srv, srv.client() as c:  # restart
+        assert [v["id"] for v in c.get("/v1/voices").json()["data"]] == [voice["id"]]
+        # By id, in OpenAI's custom-voice object form: the same voice, the same audio after a restart.
+        r = c.post("/v1/audio/speech", json={**body, "voice": {"id": voice["id"]}})
+        assert r.status_code == 200 and r.content == first
+        assert c.delete(f"/v1/voices/{voice['id']}").json() == {
+            "id": voice["id"],
+            "object": "voice",
+            "deleted": True,
+        }
+        assert_error(c.get(f"/v1/voices/{voice['id']}"), 404, "voice_not_found")
+        assert_error(c.delete(f"/v1/voices/{voice['id']}"), 404)
+        assert_error(
+            c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice["id"]}), 400, "voice_not_found"
+        )
+    assert not (data_dir / "voices" / f"{voice['id']}.voice").exists()
+
+    with LiveServer(tts, data_dir=data_dir, max_active=2) as srv, srv.client() as c:
+        assert c.get("/v1/voices").json()["data"] == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Limits, auth
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_over_the_limit_gets_429(tts, tmp_path):
+    with LiveServer(tts, data_dir=tmp_path, max_active=1) as srv, srv.client() as c:
+        voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        with ws_client.connect(srv.ws_url, open_timeout=10) as holder:
+            holder.send(json.dumps({"type": "start", "voice": voice_id, "text": "Hello, "}))
+            # The holder keeps the only slot while the model waits for more text.
+            assert json.loads(holder.recv(timeout=10))["type"] == "started"
+            assert srv.active() == 1
+
+            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice_id})
+            assert_error(r, 429, "rate_limited")
+            assert int(r.headers["retry-after"]) >= 1
+            assert_error(upload_voice(c, prompt_wav()), 429)
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                client.audio.speech.create(model="tts-1", voice=voice_id, input=SHORT)
+            with ws_client.connect(srv.ws_url, open_timeout=10) as ws:
+                ws.send(json.dumps({"type": "start", "voice": voice_id}))
+                err = json.loads(ws.recv(timeout=10))
+                assert err["type"] == "error" and err["error"]["code"] == "rate_limited"
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=10)
+                assert closed.value.rcvd.code == 1013
+        srv.wait_idle()  # the holder went away: its slot is free again
+        assert srv.active() == 0
+        assert "cosyvoice2_rejected_total 4" in c.get("/metrics").text
+
+
+def test_auth(tts, tmp_path):
+    key = "s3cret-key"
+    with LiveServer(tts, data_dir=tmp_path, max_active=2, api_key=key) as srv:
+        with srv.client() as anon:
+            assert anon.get("/health").status_code == 200
+            assert anon.get("/").status_code == 200
+            for method, path in (("GET", "/v1/voices"), ("GET", "/metrics"), ("POST", "/v1/audio/speech")):
+                r = anon.request(method, path, json={"input": "x"} if method == "POST" else None)
+                assert_error(r, 401, "unauthorized")
+                assert r.headers["www-authenticate"] == "Bearer"
+            assert_error(anon.get("/v1/voices", headers={"Authorization": "Bearer wrong"}), 401)
+            assert_error(anon.get("/v1/voices", headers={"Authorization": key}), 401)  # no "Bearer"
+        with srv.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            assert c.get("/v1/voices").status_code == 200 and c.get("/metrics").status_code == 200
+            voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+        speech = client.audio.speech.create(
+            model="tts-1", voice=voice_id, input=SHORT, extra_body={"seed": 0}
+        )
+        assert len(speech.content) > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).audio.speech.create(
+                model="tts-1", voice=voice_id, input=SHORT
+            )
+        with pytest.raises(InvalidStatus):
+            ws_client.connect(srv.ws_url, open_timeout=10)
+        with pytest.raises(InvalidStatus):
+            ws_client.connect(srv.ws_url + "?api_key=wrong", open_timeout=10)
+        _, audio, _, done = ws_speak(srv.ws_url + f"?api_key={key}", [SHORT], {"voice": voice_id, "seed": 0})
+        assert done["type"] == "done" and len(audio) > 0
+        bearer = {"Authorization": f"Bearer {key}"}
+        with ws_client.connect(srv.ws_url, additional_headers=bearer, open_timeout=10) as ws:
+            ws.send(json.dumps({"type": "start", "voice": voice_id}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "started"
+    # Auth off: no key needed.
+    with LiveServer(tts, data_dir=tmp_path, max_active=2) as srv, srv.client() as c:
+        assert c.get("/v1/voices").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_cors_off_unless_configured(tts, tmp_path):
+    preflight = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST"}
+    with LiveServer(tts, data_dir=tmp_path) as srv, srv.client() as c:
+        r = c.get("/health", headers={"Origin": "http://example.com"})
+        assert "access-control-allow-origin" not in r.headers
+    with LiveServer(tts, data_dir=tmp_path, cors_origins=["http://example.com"]) as srv, srv.client() as c:
+        r = c.options("/v1/audio/speech", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.com"
+        r = c.options("/v1/audio/speech", headers={**preflight, "Origin": "http://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fuzz: malformed requests end in 4xx with a JSON error, never 5xx or a hang
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tone(seconds: float, sr: int = 16000, amplitude: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * sr)) / sr
+    buf = io.BytesIO()
+    sf.write(
+        buf, (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16"
+    )
+    return buf.getvalue()
+
+
+SPEECH_JSON_CASES = [
+    [],
+    None,
+    "text",
+    {},
+    {"input": 5},
+    {"input": None},
+    {"input": ""},
+    {"input": "   "},
+    {"input": "x" * 5000},
+    {"input": "hi\x00there", "voice": "alloy"},
+    {"input": "hi", "voice": 5},
+    {"input": "hi", "voice": ["alloy"]},
+    {"input": "hi", "voice": {"name": "x"}},
+    {"input": "hi", "voice": "../../../../etc/passwd"},
+    {"input": "hi", "voice": "/etc/passwd"},
+    {"input": "hi", "voice": "v_0000000000000000"},
+    {"input": "hi", "voice": "x" * 10_000},
+    {"input": "hi", "voice": "nobody"},
+    {"input": "hi", "voice": "alloy", "response_format": "exe"},
+    {"input": "hi", "voice": "alloy", "response_format": 3},
+    {"input": "hi", "voice": "alloy", "speed": "fast"},
+    {"input": "hi", "voice": "alloy", "speed": 100},
+    {"input": "hi", "voice": "alloy", "speed": 0},
+    {"input": "hi", "voice": "alloy", "speed": True},
+    {"input": "hi", "voice": "alloy", "seed": "x"},
+    {"input": "hi", "voice": "alloy", "seed": 1.5},
+    {"input": "hi", "voice": "alloy", "seed": 2**70},
+    {"input": "hi", "voice": "alloy", "stream": "yes"},
+    {"input": "hi", "voice": "alloy", "stream_format": "sse"},
+    {"input": "hi", "voice": "alloy", "instruct": 5},
+    {"input": "hi", "voice": "alloy", "instruct": "x" * 2000},
+    {"input": "hi", "model": {"a": 1}},
+]
+
+SPEECH_RAW_CASES = [
+    (b"not json", "application/json"),
+    (b"{", "application/json"),
+    (b'{"input": "hi", "speed": NaN, "voice": "alloy"}', "application/json"),
+    (b'{"input": "hi", "speed": Infinity, "voice": "alloy"}', "application/json"),
+    (b"[" * 50_000 + b"]" * 50_000, "application/json"),
+    (b"\xff\xfe\x00garbage", "application/json"),
+    (b'{"input": "hi"}', "text/plain"),
+    (b'{"input": "hi"}', ""),
+    (b'{"input": "hi"}', "application/x-www-form-urlencoded"),
+    (b'{"input": "' + b"a" * 200_000 + b'"}', "application/json"),
+]
+
+
+def test_fuzz_speech(live):
+    with live.client(timeout=20) as c:
+        for case in SPEECH_JSON_CASES:
+            r = c.post(
+                "/v1/audio/speech", content=json.dumps(case), headers={"Content-Type": "application/json"}
+            )
+            assert_error(r)
+        for body, ctype in SPEECH_RAW_CASES:
+            r = c.post("/v1/audio/speech", content=body, headers={"Content-Type": ctype} if ctype else {})
+            assert_error(r)
+        # The same errors for the same reasons:
+        assert_error(c.post("/v1/audio/speech", json={"input": "x" * 5000}), 400, "input_too_long")
+        assert_error(c.post("/v1/audio/speech", content=b'{"input": "' + b"a" * 200_000 + b'"}'), 415)
+        assert_error(
+            c.post(
+                "/v1/audio/speech",
+                content=b'{"input":"' + b"a" * 200_000 + b'"}',
+                headers={"Content-Type": "application/json"},
+            ),
+            413,
+            "payload_too_large",
+        )
+        assert_error(
+            c.post("/v1/audio/speech", json={"input": "hi", "voice": "../../etc/passwd"}),
+            400,
+            "voice_not_found",
+        )
+        # Instruct needs a voice with prompt audio; the default voice of the fixture model does not exist.
+        assert_error(c.post("/v1/audio/speech", json={"input": "hi"}), 400)
+        assert_error(c.get("/v1/nothing"), 404, "not_found")
+        assert_error(c.put("/v1/voices"), 405, "method_not_allowed")
+        assert_error(c.get("/v1/audio/speech"), 405)
+        assert c.get("/health").json()["active"] == 0
+
+
+def test_fuzz_voices(live):
+    with live.client(timeout=20) as c:
+        too_long = _tone(40.0, sr=8000)
+        cases = [
+            upload_voice(c, b"this is not audio at all", mime="text/plain", filename="x.txt"),
+            upload_voice(c, b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk", mime="audio/wav"),
+            upload_voice(c, np.random.default_rng(0).bytes(50_000), mime="audio/mpeg", filename="x.mp3"),
+            upload_voice(c, b"", mime="audio/wav"),
+            upload_voice(c, _tone(0.1), mime="audio/wav"),  # too short
+            upload_voice(c, too_long, mime="audio/wav"),  # 40 s
+            upload_voice(c, _tone(2.0, amplitude=0.0), mime="audio/wav"),  # silent
+            upload_voice(c, prompt_wav(), name="x" * 300),
+            upload_voice(c, prompt_wav(), name="bad\nname"),
+            upload_voice(c, prompt_wav(), text="t" * 5000),
+            upload_voice(c, prompt_wav(), mime="image/png", filename="x.png"),
+            c.post("/v1/voices", data={"text": "no audio field"}),
+            c.post("/v1/voices", files={"text": ("t.txt", b"a file", "text/plain")}),
+            c.post("/v1/voices", json={"audio": "base64?"}),
+            c.post(
+                "/v1/voices",
+                content=b"--x\r\nbroken",
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+            ),
+            c.post("/v1/voices", content=b"garbage", headers={"Content-Type": "multipart/form-data"}),
+            c.post("/v1/voices", files={"audio": ("big.wav", b"\0" * (11 * 1024 * 1024), "audio/wav")}),
+            c.post(
+                "/v1/voices",
+                files=[
+                    ("audio", ("a.wav", prompt_wav(), "audio/wav")),
+                    ("audio", ("b.wav", b"", "audio/wav")),
+                ],
+            ),
+        ]
+        for r in cases:
+            assert_error(r)
+        assert cases[0].status_code == 415 and cases[5].json()["error"]["message"].startswith(
+            "the audio is too long"
+        )
+        assert cases[16].status_code == 413
+        for bad in (
+            "..",
+            "../../etc/passwd",
+            "%2e%2e%2fvoices.sqlite3",
+            "v_zzzzzzzzzzzzzzzz",
+            "x" * 5000,
+            "%00",
+        ):
+            assert_error(c.get(f"/v1/voices/{bad}"), 404)
+            assert_error(c.delete(f"/v1/voices/{bad}"), 404)
+        listed = c.get("/v1/voices").json()["data"]
+        assert [v["id"] for v in listed] == [live.voice_id]  # nothing was created by the bad uploads
+
+
+START = json.dumps({"type": "start", "voice": "alloy"})
+START_HI = json.dumps({"type": "start", "voice": "alloy", "text": "Hi."})
+END = json.dumps({"type": "end"})
+WS_BAD_SESSIONS = [
+    (["not json"], "invalid_json"),
+    ([b"\x00\x01binary"], "invalid_message"),
+    ([json.dumps({"type": "text", "text": "hi"})], "invalid_message"),
+    ([json.dumps([1, 2])], "invalid_message"),
+    ([json.dumps({"type": "start", "format": "exe"})], "invalid_request"),
+    ([json.dumps({"type": "start", "voice": "../../etc/passwd"})], "voice_not_found"),
+    ([json.dumps({"type": "start", "voice": "alloy", "speed": "x"})], "invalid_request"),
+    ([json.dumps({"type": "start", "voice": "alloy", "text": "x" * 5000})], "input_too_long"),
+    (
+        [START, json.dumps({"type": "text", "text": 5})],
+        "invalid_message",
+    ),
+    ([START, json.dumps({"type": "dance"})], "invalid_message"),
+    (
+        [START, json.dumps({"type": "text", "text": "y" * 5000})],
+        "input_too_long",
+    ),
+    ([START, END], "invalid_request"),  # nothing to speak
+    ([START_HI, END, json.dumps({"type": "text", "text": "late"})], "invalid_message"),
+    ([START, "{broken"], "invalid_json"),
+]
+
+
+def test_fuzz_websocket(live):
+    for messages, code in WS_BAD_SESSIONS:
+        with ws_client.connect(live.ws_url, open_timeout=10) as ws:
+            for m in messages:
+                ws.send(m)
+            error = None
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    msg = ws.recv(timeout=15)
+                    if isinstance(msg, str) and json.loads(msg)["type"] == "error":
+                        error = json.loads(msg)["error"]
+            assert error is not None and error["code"] == code, (messages[-1][:60], error)
+            assert ws.close_code == 1008, ws.close_code
+    with pytest.raises(InvalidStatus):
+        ws_client.connect(live.ws_url.replace("/stream", "/nope"), open_timeout=10)
+    live.wait_idle()
+
+
+def test_websocket_idle_and_text_limits(tts, tmp_path):
+    with LiveServer(
+        tts, data_dir=tmp_path, ws_start_timeout=0.5, ws_idle_timeout=0.5, max_stream_chars=30
+    ) as srv:
+        with srv.client() as c:
+            voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        with ws_client.connect(srv.ws_url, open_timeout=10) as ws:  # says nothing
+            assert json.loads(ws.recv(timeout=10))["error"]["code"] == "timeout"
+        with ws_client.connect(srv.ws_url, open_timeout=10) as ws:  # starts, then stalls
+            ws.send(json.dumps({"type": "start", "voice": voice_id}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "started"
+            assert json.loads(ws.recv(timeout=10))["error"]["code"] == "timeout"
+        with ws_client.connect(srv.ws_url, open_timeout=10) as ws:  # too much text in total
+            ws.send(json.dumps({"type": "start", "voice": voice_id}))
+            ws.recv(timeout=10)
+            for _ in range(4):
+                ws.send(json.dumps({"type": "text", "text": "ten chars "}))
+            msgs = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    msgs.append(ws.recv(timeout=10))
+            assert json.loads(msgs[-1])["error"]["code"] == "input_too_long"
+        srv.wait_idle()
