@@ -24,7 +24,8 @@ def model_copy(fixtures, tmp_path):
 
 def test_yaml_is_parsed_not_executed(fixtures):
     cfg = load_official_yaml(fixtures / "e2e_small" / "model" / "cosyvoice2.yaml")
-    for key in ("llm", "llm.sampling", "flow", "flow.encoder", "flow.decoder", "flow.decoder.estimator", "hift"):
+    keys = ("llm", "llm.sampling", "flow", "flow.encoder", "flow.decoder", "flow.decoder.estimator", "hift")
+    for key in keys:
         assert key in cfg
     # `!ref <chunk_size> * <token_mel_ratio>` is evaluated as arithmetic, not code.
     est = cfg["flow.decoder.estimator"]["args"]["static_chunk_size"]
