@@ -177,7 +177,7 @@ def load_network(
 # --------------------------------------------------------------------------------------------------
 
 
-def _networks():
+def network_classes():
     """(config class, model class) per network (imported lazily: the API imports this module)."""
     from .flow import Flow, FlowConfig
     from .hift import HiFT, HiFTConfig
@@ -323,7 +323,7 @@ def read_native_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
             f"{cfg_path} was written by a newer cosyvoice2 (format version {raw['version']})"
         )
     cfgs = {}
-    for key, (cfg_cls, _) in _networks().items():
+    for key, (cfg_cls, _) in network_classes().items():
         if key not in raw:
             raise ModelLoadError(f"{cfg_path}: no '{key}' section")
         cfgs[key] = config_from_dict(cfg_cls, raw[key], f"{cfg_path}:{key}")
@@ -342,7 +342,7 @@ def load_native_dir(path: str | os.PathLike, *, text_backend: str = "auto"):
     raw, cfgs = read_native_config(root)
     nets = {
         key: load_network(root / f"{key}.safetensors", model_cls, cfg_cls, cfgs[key])
-        for key, (cfg_cls, model_cls) in _networks().items()
+        for key, (cfg_cls, model_cls) in network_classes().items()
     }
     tokenizer = TextTokenizer.from_dir(root / raw.get("text_tokenizer", TOKENIZER_DIR))
     if len(tokenizer) > cfgs["lm"].vocab_size:

@@ -1,0 +1,151 @@
+"""Turn training runs into shippable networks and assemble a native model directory.
+
+``network_from_run(kind, run)`` rebuilds the network a trainer ships (``objective.net``) from a run
+directory's latest checkpoint (or a checkpoint file, or an already exported ``.safetensors``). The
+command line puts every network, the text tokenizer and a few built-in voices into a native directory::
+
+    python -m cosyvoice2.train.export --runs exp --corpus data/corpus --cache exp/cache \\
+        --out src/cosyvoice2/assets/default_model --speakers 4
+
+Built-in voices: for each chosen corpus speaker, one utterance of ``prompt_seconds`` (closest) from the
+train split becomes the prompt (tokens, mel, transcript) with the speaker's mean embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import RATES
+from ..default_model import config_from_dict, load_network, save_native_dir
+from ..errors import ModelLoadError
+from .common import latest_checkpoint, load_checkpoint, strip_prefix
+
+RUN_DIRS = {
+    "speech_tokenizer": "tokenizer",
+    "lm": "lm",
+    "flow": "flow",
+    "hift": "hift",
+    "speaker_encoder": "speaker",
+}
+
+
+def _classes(kind: str):
+    from ..default_model import network_classes
+
+    try:
+        return network_classes()[kind]
+    except KeyError:
+        raise ModelLoadError(f"unknown network kind {kind!r}") from None
+
+
+def network_from_run(kind: str, run: str | Path) -> nn.Module:
+    """The trained network of a run: a run directory, a checkpoint ``.pt`` or a network ``.safetensors``."""
+    cfg_cls, model_cls = _classes(kind)
+    path = Path(run)
+    if path.suffix == ".safetensors":
+        return load_network(path, model_cls, cfg_cls)
+    ckpt_path = path if path.is_file() else latest_checkpoint(path)
+    if ckpt_path is None:
+        raise ModelLoadError(f"no checkpoint in {path} (train the {kind} first)")
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_dict(cfg_cls, ckpt["config"]["model"], f"{ckpt_path} model config")
+    model = model_cls(cfg)
+    state = strip_prefix(ckpt["model"], "net.")
+    if kind == "hift":
+        from ..hift import apply_weight_norm, remove_weight_norm
+
+        apply_weight_norm(model)
+        model.load_state_dict(state)
+        remove_weight_norm(model)
+    else:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def speaker_prompts(
+    corpus: Path, cache: Path, tokenize, n_speakers: int | list[str], prompt_seconds: float = 5.0
+):
+    """{speaker: VoiceReference} for built-in voices (see the module docstring)."""
+    from ..audio import prompt_mel
+    from ..voice import VoiceReference
+    from .data import FeatureCache, load_wav, read_manifest
+
+    utts = read_manifest(corpus, ("train",), 1.0, 15.0)
+    means = FeatureCache(cache, "speakers").load()
+    by_spk: dict[str, list] = {}
+    for u in utts:
+        by_spk.setdefault(u.speaker, []).append(u)
+    names = sorted(by_spk) if isinstance(n_speakers, int) else list(n_speakers)
+    if isinstance(n_speakers, int):
+        names = names[:n_speakers]
+    voices = {}
+    for name in names:
+        if name not in by_spk:
+            raise ModelLoadError(f"speaker {name!r} has no train utterances in {corpus}")
+        utt = min(by_spk[name], key=lambda u: (abs(u.duration - prompt_seconds), u.id))
+        wav24 = load_wav(utt, RATES.sample_rate)
+        wav16 = load_wav(utt, RATES.tokenizer_sample_rate)
+        mel = prompt_mel(torch.from_numpy(wav24)[None])[0]
+        tokens = tokenize(torch.from_numpy(wav16)[None])
+        voices[name] = VoiceReference(
+            embedding=means[name],
+            speech_tokens=tokens,
+            mel=mel,
+            text=utt.text,
+            name=name,
+            meta={"source_utterance": utt.id},
+        )
+    return voices
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, default=Path("exp"), help="directory holding the run directories")
+    for kind, sub in RUN_DIRS.items():
+        ap.add_argument(
+            f"--{kind.replace('_', '-')}", help=f"run dir / checkpoint / .safetensors (default RUNS/{sub})"
+        )
+    ap.add_argument("--text-tokenizer", help="BPE directory (default RUNS/lm/text_tokenizer)")
+    ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    ap.add_argument("--cache", type=Path, default=Path("exp/cache"))
+    ap.add_argument("--speakers", default="4", help="number of built-in voices, or comma-separated names")
+    ap.add_argument("--prompt-seconds", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    nets = {}
+    for kind, sub in RUN_DIRS.items():
+        given = getattr(args, kind)
+        if given is None:
+            given = (
+                args.runs / sub / "speaker_encoder.safetensors"
+                if kind == "speaker_encoder"
+                else args.runs / sub
+            )
+        nets[kind] = network_from_run(kind, given)
+    chosen = int(args.speakers) if args.speakers.isdigit() else [s for s in args.speakers.split(",") if s]
+    voices = speaker_prompts(
+        args.corpus, args.cache, nets["speech_tokenizer"].tokens, chosen, args.prompt_seconds
+    )
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    info = {"params": n_params, "corpus": str(args.corpus)}
+    out = save_native_dir(
+        args.out,
+        **nets,
+        text_tokenizer_dir=args.text_tokenizer or args.runs / "lm" / "text_tokenizer",
+        speakers=voices,
+        info=info,
+    )
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(
+        json.dumps({"out": str(out), "bytes": size, "params": n_params, "speakers": list(voices)}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Train the HiFT vocoder (``cosyvoice2.hift.HiFT``) as a GAN on fixed-length segments.
+
+    python -m cosyvoice2.train.hift --config recipes/conf/hift.toml
+
+Each item is a random ``segment_frames`` x 480-sample crop of a 24 kHz utterance, its 80-bin flow mel
+(``audio.prompt_mel``, fmax 8 kHz: what the flow will produce) and a reference f0 per mel frame from a
+YIN pitch tracker (``yin_f0``). The generator is HiFT with weight norm on its convs (folded at export).
+
+Per step (SPEC §14, minus the TPR term):
+
+* generator forward: f0 = f0_predictor(mel); source = sine source(f0, detached); audio = decode(mel, source);
+* discriminator step: least-squares GAN loss of a multi-period discriminator (periods 2, 3, 5, 7, 11, on
+  the waveform folded into [L / p, p] images) and a multi-resolution spectrogram discriminator (three
+  STFT resolutions, 2-D convs over time x frequency), real vs generated (detached) audio;
+* generator step: adversarial loss + ``fm_weight`` x feature matching (L1 between the discriminators'
+  hidden maps on real and generated audio) + ``mel_weight`` x L1 between log-mels (fmax = Nyquist) +
+  ``f0_weight`` x L1(f0_pred, reference f0) in Hz.
+
+The first ``adversarial_from`` steps train the generator on the mel and f0 losses alone. HiFT trains in
+float32 (its iSTFT and the spectrogram losses need it). Both networks and both optimizers are in the
+checkpoints; gradient accumulation is not used here.
+
+Recipe tables: ``[train]``, ``[model]`` (``HiFTConfig``), ``[hift]`` (``HiftTrainConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils.parametrizations import weight_norm
+
+from ..audio import FLOW_MEL, prompt_mel
+from ..config import RATES
+from ..default_model import config_from_dict
+from ..hift import HiFT, HiFTConfig, apply_weight_norm
+from .common import (
+    Dist,
+    JsonlLog,
+    TrainConfig,
+    all_mean,
+    atomic_write_text,
+    barrier,
+    checkpoint_config,
+    configure_threads,
+    distributed,
+    gather_objects,
+    latest_checkpoint,
+    load_checkpoint,
+    load_recipe,
+    lr_at,
+    make_optimizer,
+    recipe_parser,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    to_device,
+    train_config,
+)
+from .data import BatchStream, Utt, UttDataset, load_wav, read_manifest
+
+LOSS_MEL = dataclasses.replace(FLOW_MEL, fmax=None)  # the GAN's mel loss spans the whole band
+_SILENCE_FLOOR_DB = -70.0  # yin_f0: frames below this mean power (dBFS) are unvoiced
+
+
+@dataclass(frozen=True)
+class HiftTrainConfig:
+    segment_frames: int = 50  # mel frames per training segment (480 samples each: 1 s)
+    mel_weight: float = 45.0
+    fm_weight: float = 2.0
+    f0_weight: float = 1.0
+    adversarial_from: int = 0  # steps of mel/f0-only generator training before the GAN starts
+    lr_d: float = 0.0  # discriminator learning rate (0: the generator's)
+    periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    period_channels: tuple[int, ...] = (32, 128, 512, 1024)
+    resolutions: tuple[tuple[int, int, int], ...] = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
+    spec_channels: int = 32
+    f0_min: float = 50.0
+    f0_max: float = 600.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference pitch: YIN (de Cheveigne & Kawahara 2002)
+# --------------------------------------------------------------------------------------------------
+
+
+def yin_f0(
+    wav: np.ndarray,
+    n_frames: int,
+    sr: int = RATES.sample_rate,
+    hop: int = RATES.hop_length,
+    fmin: float = 50.0,
+    fmax: float = 600.0,
+    threshold: float = 0.15,
+    silence_db: float = 50.0,
+) -> np.ndarray:
+    """f0 in Hz per mel frame [n_frames] (0 = unvoiced), frame i centred where ``prompt_mel``'s frame i is.
+
+    Difference function over a window of 2 x the longest period, cumulative-mean normalisation, the first
+    dip below ``threshold`` followed down to its local minimum, parabolic refinement. Frames quieter than
+    the loudest frame by ``silence_db``, or below -70 dBFS, are unvoiced.
+    """
+    tau_min, tau_max = max(2, int(sr / fmax)), int(sr / fmin)
+    n = 2 * tau_max  # analysis window
+    centres = np.arange(n_frames) * hop + hop // 2  # prompt_mel frame i covers [i hop - 720, i hop + 1200)
+    x = np.pad(wav.astype(np.float64), (n // 2, n // 2 + hop * n_frames))
+    idx = centres[:, None] + np.arange(n)[None, :]  # window starts at centre - n/2 in the padded signal
+    frames = x[idx]  # [F, n]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    spec = np.fft.rfft(frames, 2 * n, axis=1)
+    acf = np.fft.irfft(np.abs(spec) ** 2, axis=1)[:, :n]  # r[tau] = sum_j x_j x_{j+tau}
+    energy = np.concatenate([np.zeros((len(frames), 1)), np.cumsum(frames**2, axis=1)], axis=1)  # [F, n+1]
+    taus = np.arange(n)
+    diff = energy[:, n - taus] + energy[:, n : n + 1] - energy[:, taus] - 2 * acf  # d(tau)
+    diff[:, 0] = 0.0
+    cum = np.cumsum(diff[:, 1:], axis=1)
+    cmnd = np.ones_like(diff)
+    cmnd[:, 1:] = diff[:, 1:] * taus[1:] / np.maximum(cum, 1e-12)
+    level = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    f0 = np.zeros(n_frames)
+    for i in range(n_frames):
+        if level[i] < max(level.max() - silence_db, _SILENCE_FLOOR_DB):
+            continue
+        below = np.nonzero(cmnd[i, tau_min : tau_max + 1] < threshold)[0]
+        if below.size == 0:
+            continue
+        tau = tau_min + int(below[0])
+        while tau + 1 <= tau_max and cmnd[i, tau + 1] < cmnd[i, tau]:
+            tau += 1
+        a, b, c = cmnd[i, tau - 1], cmnd[i, tau], cmnd[i, min(tau + 1, n - 1)]
+        denom = a - 2 * b + c
+        shift = 0.5 * (a - c) / denom if abs(denom) > 1e-12 else 0.0
+        f0[i] = sr / (tau + float(np.clip(shift, -1, 1)))
+    return f0.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Discriminators
+# --------------------------------------------------------------------------------------------------
+
+
+class PeriodDiscriminator(nn.Module):
+    """Waveform [B, 1, L] folded to [B, 1, L/p, p]; 2-D convs striding over the L/p axis."""
+
+    def __init__(self, period: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.period = period
+        chans = (1, *channels)
+        self.convs = nn.ModuleList(
+            weight_norm(nn.Conv2d(chans[i], chans[i + 1], (5, 1), (3, 1), padding=(2, 0)))
+            for i in range(len(channels))
+        )
+        self.convs.append(weight_norm(nn.Conv2d(chans[-1], chans[-1], (5, 1), 1, padding=(2, 0))))
+        self.post = weight_norm(nn.Conv2d(chans[-1], 1, (3, 1), 1, padding=(1, 0)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        b, _, n = x.shape
+        pad = -n % self.period
+        if pad:
+            x = F.pad(x, (0, pad), mode="reflect")
+        h = x.view(b, 1, -1, self.period)
+        feats = []
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.1)
+            feats.append(h)
+        h = self.post(h)
+        feats.append(h)
+        return h.flatten(1), feats
+
+
+class SpectrogramDiscriminator(nn.Module):
+    """|STFT| [B, 1, frames, bins] -> 2-D convs striding over frequency."""
+
+    def __init__(self, n_fft: int, hop: int, win: int, channels: int) -> None:
+        super().__init__()
+        self.n_fft, self.hop, self.win = n_fft, hop, win
+        self.register_buffer("window", torch.hann_window(win), persistent=False)
+        c = channels
+        self.convs = nn.ModuleList(
+            [
+                weight_norm(nn.Conv2d(1, c, (3, 9), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 9), stride=(1, 2), padding=(1, 4))),
+                weight_norm(nn.Conv2d(c, c, (3, 3), padding=(1, 1))),
+            ]
+        )
+        self.post = weight_norm(nn.Conv2d(c, 1, (3, 3), padding=(1, 1)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        spec = torch.stft(
+            x.squeeze(1), self.n_fft, self.hop, self.win, window=self.window, center=True, return_complex=True
+        )
+        h = spec.abs().transpose(1, 2)[:, None]  # [B, 1, frames, bins]
+        feats = []
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.1)
+            feats.append(h)
+        h = self.post(h)
+        feats.append(h)
+        return h.flatten(1), feats
+
+
+class Discriminators(nn.Module):
+    """All sub-discriminators: audio [B, 1, L] -> [(scores [B, *], hidden maps)] per sub-discriminator."""
+
+    def __init__(self, tc: HiftTrainConfig) -> None:
+        super().__init__()
+        self.subs = nn.ModuleList(
+            [PeriodDiscriminator(p, tc.period_channels) for p in tc.periods]
+            + [SpectrogramDiscriminator(*r, tc.spec_channels) for r in tc.resolutions]
+        )
+
+    def forward(self, x: Tensor) -> list[tuple[Tensor, list[Tensor]]]:
+        return [d(x) for d in self.subs]
+
+
+def discriminator_loss(outs: list[tuple[Tensor, list[Tensor]]], n_real: int) -> Tensor:
+    """Least squares: real scores -> 1, generated -> 0. ``outs`` from a batch of [real; generated]."""
+    loss = 0.0
+    for score, _ in outs:
+        loss = loss + ((1 - score[:n_real]) ** 2).mean() + (score[n_real:] ** 2).mean()
+    return loss
+
+
+def generator_losses(outs: list[tuple[Tensor, list[Tensor]]], n_real: int) -> tuple[Tensor, Tensor]:
+    """(adversarial, feature matching) for the generated half of a [real; generated] batch."""
+    adv, fm = 0.0, 0.0
+    for score, feats in outs:
+        adv = adv + ((1 - score[n_real:]) ** 2).mean()
+        for f in feats:
+            fm = fm + (f[:n_real].detach() - f[n_real:]).abs().mean()
+    return adv, fm
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator objective
+# --------------------------------------------------------------------------------------------------
+
+
+class HiftGenerator(nn.Module):
+    """Weight-normed HiFT; ``forward(mel [B, M, T]) -> (audio [B, 480 T], f0 [B, T])``."""
+
+    def __init__(self, cfg: HiFTConfig) -> None:
+        super().__init__()
+        self.net = apply_weight_norm(HiFT(cfg))
+
+    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+        f0 = self.net.f0_predictor(mel)
+        # The f0 loss trains the predictor; the source only learns its harmonic mix from the audio losses.
+        source = self.net.source(f0.detach())
+        return self.net.decode(mel, source), f0
+
+
+def log_mel(audio: Tensor) -> Tensor:
+    return prompt_mel(audio, LOSS_MEL)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def make_loader(tc: HiftTrainConfig):
+    hop = RATES.hop_length
+    seg = tc.segment_frames * hop
+
+    def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
+        wav = load_wav(utt, RATES.sample_rate)
+        if len(wav) < seg:
+            wav = np.pad(wav, (0, seg - len(wav)))
+        start = rng.randrange(0, (len(wav) - seg) // hop + 1) * hop
+        crop = np.ascontiguousarray(wav[start : start + seg])
+        mel = prompt_mel(torch.from_numpy(crop)[None])[0].T  # [M, T]
+        f0 = yin_f0(crop, tc.segment_frames, fmin=tc.f0_min, fmax=tc.f0_max)
+        return {"audio": torch.from_numpy(crop), "mel": mel, "f0": torch.from_numpy(f0)}
+
+    return load
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The GAN loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe: dict[str, Any], cfg: TrainConfig, d: Dist, resume_from: str | None = None
+) -> dict[str, float]:
+    model_cfg = config_from_dict(HiFTConfig, recipe["model"], "[model]")
+    tc = config_from_dict(HiftTrainConfig, recipe.get("hift", {}), "[hift]")
+    out_dir = Path(cfg.out_dir)
+    seed_everything(cfg.seed)
+    gen, disc = HiftGenerator(model_cfg).to(d.device), Discriminators(tc).to(d.device)
+    seed_everything(cfg.seed + d.rank)
+    opt_g = make_optimizer(gen, cfg)
+    opt_d = make_optimizer(disc, cfg, lr=tc.lr_d or cfg.lr)
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds)
+    seconds = tc.segment_frames * RATES.hop_length / RATES.sample_rate
+    stream = BatchStream(
+        [seconds] * len(utts), cfg.batch_seconds, cfg.max_batch, cfg.sort_window, cfg.seed, d.rank, d.world
+    )
+    config = checkpoint_config(model_cfg, cfg, hift=dataclasses.asdict(tc))
+    step = 0
+    ckpt_path = Path(resume_from) if resume_from else latest_checkpoint(out_dir)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        gen.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt_g.load_state_dict(ckpt["optimizer"])
+        opt_d.load_state_dict(ckpt["optimizer_d"])
+        stream.load_state(ckpt["data"])
+        step = int(ckpt["step"])
+        if len(ckpt["rng"]) == d.world:
+            set_rng_state(ckpt["rng"][d.rank])
+        else:
+            seed_everything(cfg.seed + 7919 * step + d.rank)
+        if d.is_main:
+            print(f"[hift] resumed from {ckpt_path} at step {step}", file=sys.stderr)
+    gen_ddp = DDP(gen, broadcast_buffers=False) if d.distributed else gen
+    disc_ddp = DDP(disc, broadcast_buffers=False) if d.distributed else disc
+    log = JsonlLog(out_dir / "log.jsonl" if d.is_main else None)
+    if d.is_main:
+        atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    batches = stream.iterate(
+        UttDataset(utts, make_loader(tc)), collate, cfg.num_workers, pin=d.device.type == "cuda"
+    )
+    bar = None
+    if d.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=cfg.max_steps, initial=step, desc="hift", unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+    last: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    n_sum, t0 = 0, time.perf_counter()
+    gen.train(), disc.train()
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in opt_g.param_groups:
+            group["lr"] = lr
+        for group in opt_d.param_groups:
+            group["lr"] = lr * (tc.lr_d or cfg.lr) / cfg.lr
+        batch = to_device(next(batches), d.device)
+        real = batch["audio"][:, None]  # [B, 1, L]
+        n = real.shape[0]
+        fake, f0 = gen_ddp(batch["mel"])
+        fake = fake[:, None]
+        metrics: dict[str, float] = {}
+        adversarial = step >= tc.adversarial_from
+        if adversarial:
+            d_loss = discriminator_loss(disc_ddp(torch.cat([real, fake.detach()])), n)
+            d_loss.backward()
+            metrics["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip))
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            metrics["d_loss"] = d_loss.item()
+        mel_loss = F.l1_loss(log_mel(fake[:, 0]), log_mel(real[:, 0]))
+        f0_loss = F.l1_loss(f0, batch["f0"])
+        g_loss = tc.mel_weight * mel_loss + tc.f0_weight * f0_loss
+        if adversarial:
+            adv, fm = generator_losses(disc_ddp(torch.cat([real, fake])), n)
+            g_loss = g_loss + adv + tc.fm_weight * fm
+            metrics.update(adv=adv.item(), fm=fm.item())
+        g_loss.backward()
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip))
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)  # the generator step's gradients on the discriminator are dropped
+        metrics.update(loss=g_loss.item(), mel=mel_loss.item(), f0=f0_loss.item())
+        step += 1
+        n_sum += 1
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
+            last.update(step=step, lr=lr, sec_per_step=(time.perf_counter() - t0) / n_sum, epoch=stream.epoch)
+            log.write(**last)
+            if bar is not None:
+                bar.set_postfix(mel=f"{last['mel']:.3f}", lr=f"{lr:.2e}")
+            sums, n_sum, t0 = {}, 0, time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            rngs = gather_objects(rng_state(), d)
+            if d.is_main:
+                payload = {
+                    "step": step,
+                    "model": gen.state_dict(),
+                    "disc": disc.state_dict(),
+                    "optimizer": opt_g.state_dict(),
+                    "optimizer_d": opt_d.state_dict(),
+                    "config": config,
+                    "data": stream.state(),
+                    "rng": rngs,
+                }
+                save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
+            barrier(d)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = recipe_parser(__doc__).parse_args(argv)
+    recipe = load_recipe(args.config, args.set)
+    cfg = train_config(recipe)
+    configure_threads(cfg)
+    with distributed(cfg.device) as d:
+        return train(recipe, cfg, d, args.resume_from)
+
+
+if __name__ == "__main__":
+    main()

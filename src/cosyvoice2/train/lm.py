@@ -1,0 +1,206 @@
+"""Train the text BPE and the text-speech LM (``cosyvoice2.lm.CosyVoice2LM``).
+
+    python -m cosyvoice2.train.lm --config recipes/conf/lm.toml
+
+Text tokenizer: a byte-level BPE trained with ``tokenizers`` on the train split's transcripts, with the
+Qwen2 pre-tokenizer split that ``TextTokenizer`` uses. It is written as ``vocab.json``, ``merges.txt`` and
+``tokenizer_config.json`` (no base added tokens), the layout ``TextTokenizer.from_dir`` reads; that loader
+appends the CosyVoice 2 special tokens (``<|endofprompt|>``, ``[breath]``, ...) after the BPE vocabulary,
+so the LM's text vocabulary is ``len(TextTokenizer)``. It is trained once per run, in
+``<out_dir>/text_tokenizer`` (or read from ``[lm] text_tokenizer``).
+
+LM objective: ``CosyVoice2LM.forward_train``, i.e. length-normalised cross entropy on the speech ids, each
+example laid out uni-stream (``SOS text TASK speech EOS``) or, with probability ``bistream_prob`` when its
+speech/text ratio allows, bistream (``SOS (T5 S15)* T_rest TASK S_rest``, FILL after each full block).
+Speech tokens come from the feature cache (``train.extract tokens``).
+
+Recipe tables: ``[train]``, ``[model]`` (``LMConfig`` fields; ``vocab_size`` defaults to the tokenizer
+size), ``[lm]`` (``LmTrainConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..default_model import config_from_dict
+from ..lm import CosyVoice2LM, LMConfig
+from ..text import QWEN2_SPLIT_PATTERN, TextTokenizer
+from .common import Dist, Task, TrainConfig, barrier, checkpoint_config, latest_checkpoint, run_recipe
+from .data import FeatureCache, Utt, UttDataset, pad_1d, read_manifest
+
+TOKENIZER_SUBDIR = "text_tokenizer"
+
+
+@dataclass(frozen=True)
+class LmTrainConfig:
+    bpe_vocab_size: int = 4000
+    bistream_prob: float = 0.5
+    text_tokenizer: str = ""  # an existing BPE directory; default <out_dir>/text_tokenizer
+    init_std: float = 0.02
+
+
+# --------------------------------------------------------------------------------------------------
+# Text BPE
+# --------------------------------------------------------------------------------------------------
+
+
+def train_bpe(
+    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int, min_frequency: int = 2
+) -> Path:
+    """Train a byte-level BPE on ``texts``; write the ``TextTokenizer`` files to ``out_dir`` atomically."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tk.model.save(str(tmp))
+        config = {
+            "tokenizer_class": "cosyvoice2-bpe",
+            "added_tokens_decoder": {},
+            "bpe_vocab_size": vocab_size,
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        TextTokenizer.from_dir(tmp)  # the files must load before they replace anything
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def text_tokenizer_for(out_dir: Path, lm_cfg: LmTrainConfig, utts: list[Utt], d: Dist) -> TextTokenizer:
+    """The run's BPE: the configured one, the run's own, or (rank 0, first run) a newly trained one."""
+    path = Path(lm_cfg.text_tokenizer) if lm_cfg.text_tokenizer else out_dir / TOKENIZER_SUBDIR
+    if d.is_main and not (path / "vocab.json").is_file():
+        if lm_cfg.text_tokenizer:
+            raise FileNotFoundError(f"text tokenizer {path} does not exist")
+        train_bpe((u.text for u in utts), path, lm_cfg.bpe_vocab_size)
+    barrier(d)
+    return TextTokenizer.from_dir(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Objective
+# --------------------------------------------------------------------------------------------------
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """GPT-style init for training from scratch: N(0, std) weights of Linear/Embedding, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class LMObjective(nn.Module):
+    def __init__(self, cfg: LMConfig, bistream_prob: float) -> None:
+        super().__init__()
+        self.net = CosyVoice2LM(cfg)
+        self.bistream_prob = bistream_prob
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        # The layout draws use Python's global generator, which checkpoints save and restore per rank.
+        return self.net.forward_train(
+            batch["text"],
+            batch["text_lens"],
+            batch["speech"],
+            batch["speech_lens"],
+            self.bistream_prob,
+            rng=random,
+        )
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    text, text_lens = pad_1d([it["text"] for it in items])
+    speech, speech_lens = pad_1d([it["speech"] for it in items])
+    return {"text": text, "text_lens": text_lens, "speech": speech, "speech_lens": speech_lens}
+
+
+def lm_items(
+    utts: list[Utt], tok: TextTokenizer, tokens: dict[str, Tensor]
+) -> tuple[list[Utt], dict[str, Tensor]]:
+    """Utterances with speech tokens and non-empty text; their text ids (pre-computed once)."""
+    keep, text_ids = [], {}
+    for u in utts:
+        ids = tok.encode(u.text)
+        if u.id in tokens and tokens[u.id].numel() and ids:
+            keep.append(u)
+            text_ids[u.id] = torch.tensor(ids, dtype=torch.long)
+    return keep, text_ids
+
+
+def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
+    lm_cfg = config_from_dict(LmTrainConfig, recipe.get("lm", {}), "[lm]")
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds)
+    tok = text_tokenizer_for(Path(cfg.out_dir), lm_cfg, utts, d)
+    model_table = dict(recipe.get("model", {}))
+    model_table.setdefault("vocab_size", len(tok))
+    model_cfg = config_from_dict(LMConfig, model_table, "[model]")
+    if model_cfg.vocab_size < len(tok):
+        raise ValueError(f"[model] vocab_size {model_cfg.vocab_size} < text tokenizer size {len(tok)}")
+    speech = FeatureCache(cfg.cache, "tokens").load()
+    utts, text_ids = lm_items(utts, tok, speech)
+
+    def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
+        return {"text": text_ids[utt.id], "speech": speech[utt.id].long()}
+
+    objective = LMObjective(model_cfg, lm_cfg.bistream_prob)
+    if latest_checkpoint(cfg.out_dir) is None:
+        init_weights(objective.net, lm_cfg.init_std)
+    dev_utts: list[Utt] = []
+    if cfg.eval_every:
+        dev_utts, dev_ids = lm_items(
+            read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds), tok, speech
+        )
+        text_ids.update(dev_ids)
+    return Task(
+        name="lm",
+        objective=objective,
+        dataset=UttDataset(utts, load),
+        lengths=[u.duration for u in utts],
+        collate=collate,
+        config=checkpoint_config(model_cfg, cfg, lm=dataclasses.asdict(lm_cfg)),
+        dev_dataset=UttDataset(dev_utts, load) if dev_utts else None,
+        dev_lengths=[u.duration for u in dev_utts],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_recipe(build_task, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

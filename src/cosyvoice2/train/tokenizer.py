@@ -1,0 +1,217 @@
+"""Train the supervised semantic FSQ speech tokenizer (``cosyvoice2.speech_tokenizer``) with a CTC ASR loss.
+
+    python -m cosyvoice2.train.tokenizer --config recipes/conf/tokenizer.toml
+
+Objective: whisper log-mel (16 kHz, 128 bins) -> ``SpeechTokenizerModel`` (the shipped part: convs,
+encoder blocks, projection to 8 dims, FSQ with 3 levels at 25 Hz) -> ``ASRHead`` (up-projection, more
+encoder blocks, linear) -> CTC over the transcript's characters. The ASR head is thrown away at export.
+SpecAugment-style frequency and time masks regularise the encoder. Metrics: CTC loss, how many of the
+6561 codes a batch uses, and the code perplexity (both should grow as the codes start to carry speech).
+
+Recipe tables: ``[train]`` (``TrainConfig``), ``[model]`` (``SpeechTokenizerConfig``), ``[asr]``
+(``AsrConfig``). The character vocabulary is built from the train split's transcripts on the first run
+and kept in ``<out_dir>/vocab.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..audio import whisper_log_mel
+from ..config import RATES
+from ..default_model import config_from_dict
+from ..speech_tokenizer import Block, SpeechTokenizerConfig, SpeechTokenizerModel, sinusoids
+from .common import (
+    Dist,
+    Task,
+    TrainConfig,
+    atomic_write_text,
+    broadcast_object,
+    checkpoint_config,
+    run_recipe,
+)
+from .data import Utt, UttDataset, load_wav, pad_1d, pad_time, read_manifest
+
+BLANK, UNK = 0, 1
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    n_blocks: int = 2  # encoder blocks after the quantiser
+    freq_masks: int = 2
+    freq_mask_width: int = 16
+    time_masks: int = 2
+    time_mask_width: int = 40  # feature frames (100 Hz)
+
+
+# --------------------------------------------------------------------------------------------------
+# Characters
+# --------------------------------------------------------------------------------------------------
+
+_DROP = re.compile(r"[^\w' ]+")
+
+
+def asr_text(text: str) -> str:
+    """Transcript -> the characters the ASR head predicts: NFKC, lower case, no punctuation, single spaces."""
+    t = _DROP.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    return " ".join(t.split())
+
+
+def build_vocab(texts: list[str], max_size: int = 6000) -> list[str]:
+    """Characters by frequency (ties by code point); ids 0 and 1 are CTC blank and unknown."""
+    counts = Counter(ch for t in texts for ch in asr_text(t))
+    chars = sorted(counts, key=lambda c: (-counts[c], c))[: max_size - 2]
+    return ["<blank>", "<unk>", *chars]
+
+
+def encode_chars(text: str, index: dict[str, int]) -> list[int]:
+    return [index.get(ch, UNK) for ch in asr_text(text)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model pieces
+# --------------------------------------------------------------------------------------------------
+
+
+class AsrHead(nn.Module):
+    """FSQ values [B, N, Q] -> Linear up to D -> encoder blocks -> character logits [B, N, V]."""
+
+    def __init__(self, cfg: SpeechTokenizerConfig, asr: AsrConfig, vocab_size: int) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.up = nn.Linear(cfg.fsq_dim, d)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(asr.n_blocks)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab_size)
+
+    def forward(self, q: Tensor, lens: Tensor) -> Tensor:
+        h = self.up(q)
+        h = h + sinusoids(h.shape[1], h.shape[2], h.device).to(h.dtype)
+        valid = torch.arange(h.shape[1], device=h.device)[None] < lens[:, None]
+        for block in self.blocks:
+            h = block(h, valid)
+        return self.out(self.norm(h))
+
+
+def spec_augment(feats: Tensor, lens: Tensor, asr: AsrConfig) -> Tensor:
+    """Zero random frequency bands and time spans of whisper features [B, M, F] (a copy)."""
+    x = feats.clone()
+    b, m, _ = x.shape
+    for i in range(b):
+        for _ in range(asr.freq_masks):
+            w = int(torch.randint(0, asr.freq_mask_width + 1, ()))
+            f0 = int(torch.randint(0, max(1, m - w), ()))
+            x[i, f0 : f0 + w] = 0
+        for _ in range(asr.time_masks):
+            n = int(lens[i])
+            w = min(int(torch.randint(0, asr.time_mask_width + 1, ())), n // 5)
+            t0 = int(torch.randint(0, max(1, n - w), ()))
+            x[i, :, t0 : t0 + w] = 0
+    return x
+
+
+class TokenizerObjective(nn.Module):
+    def __init__(self, cfg: SpeechTokenizerConfig, asr: AsrConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.asr_cfg = asr
+        self.net = SpeechTokenizerModel(cfg)
+        self.asr = AsrHead(cfg, asr, vocab_size)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        feats, feat_lens = batch["feats"], batch["feat_lens"]
+        if self.training:
+            feats = spec_augment(feats, feat_lens, self.asr_cfg)
+        q, codes, lens = self.net(feats, feat_lens)
+        logp = self.asr(q, lens).float().log_softmax(-1)  # [B, N, V]
+        loss = F.ctc_loss(
+            logp.transpose(0, 1),
+            batch["text"],
+            lens,
+            batch["text_lens"],
+            blank=BLANK,
+            reduction="mean",
+            zero_infinity=True,
+        )
+        valid = torch.arange(codes.shape[1], device=codes.device)[None] < lens[:, None]
+        hist = torch.bincount(codes[valid], minlength=self.net.cfg.codebook_size).float()
+        p = hist / hist.sum().clamp(min=1)
+        perplexity = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
+        return {"loss": loss, "codes_used": (hist > 0).sum(), "code_perplexity": perplexity}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and the task
+# --------------------------------------------------------------------------------------------------
+
+
+def load_item(n_mels: int, index: dict[str, int]):
+    def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
+        wav = torch.from_numpy(load_wav(utt, RATES.tokenizer_sample_rate))[None]
+        feats = whisper_log_mel(wav, n_mels)[0]  # [M, F]
+        return {
+            "feats": feats,
+            "text": torch.tensor(encode_chars(utt.text, index) or [UNK], dtype=torch.long),
+        }
+
+    return load
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    feats, feat_lens = pad_time([it["feats"] for it in items])
+    text, text_lens = pad_1d([it["text"] for it in items])
+    return {"feats": feats, "feat_lens": feat_lens, "text": text, "text_lens": text_lens}
+
+
+def vocab_for(out_dir: Path, utts: list[Utt], d: Dist) -> list[str]:
+    """The run's character vocabulary: read back on resume, built (by rank 0) on the first run."""
+    path = out_dir / "vocab.json"
+    vocab = None
+    if d.is_main:
+        if path.is_file():
+            vocab = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            vocab = build_vocab([u.text for u in utts])
+            atomic_write_text(path, json.dumps(vocab, ensure_ascii=False) + "\n")
+    return broadcast_object(vocab, d)
+
+
+def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
+    model_cfg = config_from_dict(SpeechTokenizerConfig, recipe.get("model", {}), "[model]")
+    asr = config_from_dict(AsrConfig, recipe.get("asr", {}), "[asr]")
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, min(cfg.max_seconds, model_cfg.max_seconds))
+    vocab = vocab_for(Path(cfg.out_dir), utts, d)
+    index = {c: i for i, c in enumerate(vocab)}
+    dev = read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds) if cfg.eval_every else []
+    load = load_item(model_cfg.n_mels, index)
+    return Task(
+        name="tokenizer",
+        objective=TokenizerObjective(model_cfg, asr, len(vocab)),
+        dataset=UttDataset(utts, load),
+        lengths=[u.duration for u in utts],
+        collate=collate,
+        config=checkpoint_config(model_cfg, cfg, asr=dataclasses.asdict(asr), vocab_size=len(vocab)),
+        dev_dataset=UttDataset(dev, load) if dev else None,
+        dev_lengths=[u.duration for u in dev],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_recipe(build_task, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""Training recipes and the native model format, on tiny random models and a tiny synthetic corpus.
+
+``test_recipes_under_torchrun`` launches this file under ``torchrun --nproc_per_node=2`` (gloo, CPU): the
+driver at the bottom runs every stage of ``recipes/default_model.sh`` for a few steps in one process
+group (extraction, tokenizer, LM, flow, HiFT, export) and writes what it saw to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice2.default_model import config_from_dict, config_to_dict
+from cosyvoice2.flow import EncoderConfig, EstimatorConfig, Flow, FlowConfig
+from cosyvoice2.hift import HiFT, HiFTConfig
+from cosyvoice2.lm import CosyVoice2LM, LMConfig
+from cosyvoice2.speaker import SpeakerEncoderConfig, SpeakerEncoderModel
+from cosyvoice2.speech_tokenizer import FSQ, SpeechTokenizerConfig, SpeechTokenizerModel
+
+SR = 24000
+EMB = 16
+TEXTS = [
+    "hello world, this is a test.",
+    "the quick brown fox jumps over the lazy dog.",
+    "a small model learns quickly.",
+    "你好，世界。",
+    "one two three four five.",
+    "speech tokens at twenty five hertz.",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny configs and a tiny corpus (shared by the torchrun driver and the in-process tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_configs(n_text: int) -> dict:
+    return {
+        "lm": LMConfig(
+            vocab_size=n_text,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+        ),
+        "flow": FlowConfig(
+            d_model=32,
+            spk_embed_dim=EMB,
+            n_timesteps=2,
+            noise_seconds=30,
+            encoder=EncoderConfig(d_model=32, n_heads=2, ff_dim=64, n_blocks=1, n_up_blocks=1),
+            estimator=EstimatorConfig(channels=32, n_heads=2, head_dim=16, n_transformers=1, n_mid=1),
+        ),
+        "hift": HiFTConfig(
+            in_channels=80,
+            base_channels=32,
+            nb_harmonics=8,
+            sampling_rate=SR,
+            nsf_alpha=0.1,
+            nsf_sigma=0.003,
+            nsf_voiced_threshold=10.0,
+            upsample_rates=(8, 5, 3),
+            upsample_kernel_sizes=(16, 11, 7),
+            istft_n_fft=16,
+            istft_hop=4,
+            resblock_kernel_sizes=(3,),
+            resblock_dilation_sizes=((1,),),
+            source_resblock_kernel_sizes=(3, 3, 3),
+            source_resblock_dilation_sizes=((1,), (1,), (1,)),
+            lrelu_slope=0.1,
+            audio_limit=0.99,
+            f0_cond_channels=16,
+        ),
+        "speech_tokenizer": SpeechTokenizerConfig(d_model=32, n_heads=2, ff_dim=64, n_blocks=1),
+        "speaker_encoder": SpeakerEncoderConfig(hidden_size=16, num_layers=1, embedding_size=EMB),
+    }
+
+
+def voice_like(seconds: float, f0: float, seed: int) -> np.ndarray:
+    """A buzzy harmonic tone with a syllable-rate envelope and a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    pitch = f0 * (1 + 0.05 * np.sin(2 * np.pi * 1.5 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / SR
+    x = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = 0.5 * (1 + np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)))
+    return (0.2 * x * env + 0.005 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def make_corpus(root: Path) -> Path:
+    import soundfile as sf
+
+    rows = []
+    for i, text in enumerate(TEXTS):
+        spk = "spk_a" if i % 2 == 0 else "spk_b"
+        audio = voice_like(1.2 + 0.2 * i, 120.0 if spk == "spk_a" else 210.0, i)
+        rel = f"wavs/{spk}/utt{i}.flac"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, audio, SR)
+        rows.append(
+            {
+                "id": f"utt{i}",
+                "audio": rel,
+                "text": text,
+                "language": "zh" if "你" in text else "en",
+                "speaker": spk,
+                "duration": len(audio) / SR,
+                "split": "dev" if i == 5 else "train",
+            }
+        )
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return root
+
+
+def _toml(obj: dict) -> str:
+    """A tiny TOML writer for the recipe tables used here (scalars, lists, nested tables)."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines: list[str] = []
+
+    def table(name: str, d: dict) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict))
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, d in obj.items():
+        table(name, d)
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_dict_roundtrip():
+    cfgs = tiny_configs(100)
+    for cfg in cfgs.values():
+        data = json.loads(json.dumps(config_to_dict(cfg)))
+        assert config_from_dict(type(cfg), data) == cfg
+    with pytest.raises(Exception, match="unknown"):
+        config_from_dict(LMConfig, {**config_to_dict(cfgs["lm"]), "hidden": 3})
+
+
+def test_fsq_codes_roundtrip():
+    fsq = FSQ(8, 3)
+    q, codes = fsq(torch.randn(5, 7, 8) * 3)
+    assert codes.min() >= 0 and codes.max() < 3**8
+    torch.testing.assert_close(fsq.values(codes), q.detach())
+    assert SpeechTokenizerConfig().codebook_size == 6561
+
+
+def test_speech_tokenizer_rate():
+    model = SpeechTokenizerModel(tiny_configs(10)["speech_tokenizer"]).eval()
+    tokens = model.tokens(torch.randn(1, 16000 * 2) * 0.1)
+    assert tokens.dtype == torch.int32 and tokens.shape == (50,)
+
+
+def test_yin_finds_pitch():
+    from cosyvoice2.train.hift import yin_f0
+
+    t = np.arange(SR) / SR
+    f0 = yin_f0((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 50)
+    assert np.all(np.abs(f0[2:-2] - 180) < 2)
+    assert np.all(yin_f0(np.zeros(SR, np.float32), 50) == 0)
+
+
+def test_batches_are_deterministic_and_sharded():
+    from cosyvoice2.train.data import BatchStream
+
+    lengths = [1.0 + (i % 7) for i in range(40)]
+    a = [BatchStream(lengths, 12.0, 8, 16, seed=3, rank=r, world=2).epoch_batches(1) for r in range(2)]
+    b = [BatchStream(lengths, 12.0, 8, 16, seed=3, rank=r, world=2).epoch_batches(1) for r in range(2)]
+    assert a == b and len(a[0]) == len(a[1])
+    seen = [i for rank in a for batch in rank for i, _ in batch]
+    assert len(seen) == len(set(seen))
+    for batch in a[0]:
+        assert max(lengths[i] for i, _ in batch) * len(batch) <= 12.0 or len(batch) == 1
+
+
+def test_native_roundtrip_synthesises(tmp_path):
+    import cosyvoice2
+    from cosyvoice2.audio import resample
+    from cosyvoice2.default_model import save_native_dir
+    from cosyvoice2.frontend import Frontend
+    from cosyvoice2.text import TextTokenizer
+    from cosyvoice2.train.lm import train_bpe
+
+    tok_dir = train_bpe(TEXTS * 3, tmp_path / "bpe", 300)
+    tok = TextTokenizer.from_dir(tok_dir)
+    cfgs = tiny_configs(len(tok))
+    torch.manual_seed(0)
+    nets = {
+        "lm": CosyVoice2LM(cfgs["lm"]),
+        "flow": Flow(cfgs["flow"]),
+        "hift": HiFT(cfgs["hift"]),
+        "speech_tokenizer": SpeechTokenizerModel(cfgs["speech_tokenizer"]),
+        "speaker_encoder": SpeakerEncoderModel(cfgs["speaker_encoder"]),
+    }
+    for m in nets.values():
+        m.eval()
+    fe = Frontend(tok, nets["speech_tokenizer"].tokens, nets["speaker_encoder"].embed, text_backend="none")
+    wav24 = voice_like(2.0, 150.0, 0)
+    voice = fe.voice_from_waveforms(wav24, resample(wav24, SR, 16000), "hello world", name="spk1")
+    out = save_native_dir(tmp_path / "model", **nets, text_tokenizer_dir=tok_dir, speakers={"spk1": voice})
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "NOTICE",
+            "cosyvoice2.json",
+            "flow.safetensors",
+            "hift.safetensors",
+            "lm.safetensors",
+            "speaker_encoder.safetensors",
+            "speech_tokenizer.safetensors",
+            "speakers",
+            "tokenizer",
+        ]
+    )
+    tts = cosyvoice2.load(out, text_backend="none")
+    assert tts.speakers() == ["spk1"] and tts.models.default_speaker == "spk1"
+    # fp16 on disk, fp32 in memory, equal to the saved weights up to fp16 rounding
+    got = tts.models.flow.state_dict()
+    for k, v in nets["flow"].state_dict().items():
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], v.half().float())
+    # a random LM rarely stops by itself: keep the generation short
+    tts.models.lm.cfg = dataclasses.replace(tts.models.lm.cfg, max_token_text_ratio=4.0)
+    audio = tts.synthesize("hello", seed=1)
+    assert audio.dtype == np.float32 and audio.size > 0 and np.isfinite(audio).all()
+    # saving again replaces the directory atomically
+    save_native_dir(out, **nets, text_tokenizer_dir=tok_dir, speakers={})
+    assert cosyvoice2.load(out, text_backend="none").speakers() == []
+
+
+def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    from cosyvoice2 import default_model
+    from cosyvoice2.errors import ModelLoadError
+
+    monkeypatch.setattr(default_model, "PACKAGE_MODEL_DIR", tmp_path / "nothing")
+    with pytest.raises(ModelLoadError, match="no default model"):
+        default_model.default_model_dir()
+
+
+def test_shipped_configs_fit_the_size_budget():
+    """The recipe configs of the default model stay under 60 MB of fp16 weights."""
+    from cosyvoice2.train.common import load_recipe
+
+    conf = Path(__file__).resolve().parents[1] / "recipes" / "conf"
+    recipes = {k: load_recipe(conf / f"{k}.toml") for k in ("tokenizer", "lm", "flow", "hift")}
+    lm_table = dict(recipes["lm"]["model"])
+    lm_table.setdefault("vocab_size", recipes["lm"]["lm"]["bpe_vocab_size"] + 20)
+    cfgs = {
+        "speech_tokenizer": config_from_dict(SpeechTokenizerConfig, recipes["tokenizer"].get("model", {})),
+        "lm": config_from_dict(LMConfig, lm_table),
+        "flow": config_from_dict(FlowConfig, recipes["flow"]["model"]),
+        "hift": config_from_dict(HiFTConfig, recipes["hift"]["model"]),
+        "speaker_encoder": SpeakerEncoderConfig(),
+    }
+    classes = {
+        "speech_tokenizer": SpeechTokenizerModel,
+        "lm": CosyVoice2LM,
+        "flow": Flow,
+        "hift": HiFT,
+        "speaker_encoder": SpeakerEncoderModel,
+    }
+    with torch.device("meta"):
+        params = {k: sum(p.numel() for p in classes[k](c).parameters()) for k, c in cfgs.items()}
+    # 1 MB of the 60 MB is left for the text BPE files and the built-in voices
+    assert 2 * sum(params.values()) <= 59e6, params
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: every stage for a few steps in two processes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_recipes_under_torchrun(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        str(tmp_path),
+        str(corpus),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+
+    assert res["world"] == 2
+    assert res["tokens"] == res["n_utts"] and res["embeddings"] == res["n_utts"]
+    assert res["speakers"] == ["spk_a", "spk_b"]
+    for name in ("tokenizer", "lm", "flow", "hift"):
+        assert all(math.isfinite(x) for x in res[name]["loss"]), (name, res[name])
+    # a repeated batch: the LM and the flow must learn it
+    for name in ("lm", "flow"):
+        losses = res[name]["loss"]
+        assert losses[-1] < losses[0], (name, losses)
+    # resuming from a mid-run checkpoint gives the same next step
+    for name in ("lm", "flow"):
+        assert res[name]["resumed_next_loss"] == pytest.approx(
+            res[name]["loss"][res[name]["resume_step"]], rel=1e-6
+        )
+    assert res["hift"]["d_loss"] and all(math.isfinite(x) for x in res["hift"]["d_loss"])
+    assert res["export"]["speakers"] == ["spk_a"]
+
+
+def _driver(tmp: Path, corpus: Path) -> None:
+    """Runs in each torchrun process: every stage, few steps, tiny models."""
+    from cosyvoice2.default_model import save_native_dir, save_network
+    from cosyvoice2.text import TextTokenizer
+    from cosyvoice2.train import extract, flow, hift, lm, tokenizer
+    from cosyvoice2.train.common import barrier, distributed, read_jsonl
+    from cosyvoice2.train.data import FeatureCache, read_manifest
+    from cosyvoice2.train.export import network_from_run, speaker_prompts
+
+    torch.set_num_threads(1)
+    cfgs = tiny_configs(0)
+    runs, cache = tmp / "exp", tmp / "exp" / "cache"
+    res: dict = {}
+
+    def recipe(name: str, model: dict, steps: int, extra: dict | None = None, **train) -> Path:
+        tables = {
+            "train": {
+                "out_dir": str(runs / name),
+                "corpus": str(corpus),
+                "cache": str(cache),
+                "max_steps": steps,
+                "warmup_steps": 0,
+                "schedule": "constant",
+                "lr": 3e-3,
+                "batch_seconds": 100.0,
+                "log_every": 1,
+                "save_every": 1000,
+                "num_workers": 0,
+                "seed": 7,
+                "threads": 1,
+                **train,
+            },
+            "model": model,
+            **(extra or {}),
+        }
+        path = tmp / f"{name}.toml"
+        path.write_text(_toml(tables))
+        return path
+
+    def losses(name: str, key: str = "loss") -> list[float]:
+        return [row[key] for row in read_jsonl(runs / name / "log.jsonl") if key in row]
+
+    with distributed("cpu") as d:
+        res["world"] = d.world
+        # speaker encoder (a random tiny one stands in for the converted Resemblyzer weights)
+        spk_path = runs / "speaker" / "speaker_encoder.safetensors"
+        if d.is_main:
+            spk_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(0)
+            save_network(spk_path, SpeakerEncoderModel(cfgs["speaker_encoder"]), kind="speaker_encoder")
+        barrier(d)
+        extract.run("embeddings", corpus, cache, str(spk_path), d, flush=2)
+
+        tokenizer.main(["--config", str(recipe("tokenizer", config_to_dict(cfgs["speech_tokenizer"]), 3))])
+        res["tokenizer"] = {"loss": losses("tokenizer")}
+        extract.run("tokens", corpus, cache, str(runs / "tokenizer"), d, flush=2)
+
+        # LM: 6 steps saving at 3, then a second run resumed from step 3 for one step
+        lm_cfg = {k: v for k, v in config_to_dict(cfgs["lm"]).items() if k != "vocab_size"}
+        lm_toml = recipe("lm", lm_cfg, 6, {"lm": {"bpe_vocab_size": 300}}, save_every=3, keep_checkpoints=5)
+        lm.main(["--config", str(lm_toml)])
+        lm.main(
+            [
+                "--config",
+                str(lm_toml),
+                "--set",
+                f'train.out_dir="{runs / "lm_resumed"}"',
+                "--set",
+                "train.max_steps=4",
+                "--resume-from",
+                str(runs / "lm" / "ckpt" / "step_0000003.pt"),
+                "--set",
+                f'lm.text_tokenizer="{runs / "lm" / "text_tokenizer"}"',
+            ]
+        )
+        res["lm"] = {"loss": losses("lm"), "resume_step": 3, "resumed_next_loss": losses("lm_resumed")[0]}
+
+        flow_toml = recipe("flow", config_to_dict(cfgs["flow"]), 6, save_every=3, keep_checkpoints=5, accum=2)
+        flow.main(["--config", str(flow_toml)])
+        flow.main(
+            [
+                "--config",
+                str(flow_toml),
+                "--set",
+                f'train.out_dir="{runs / "flow_resumed"}"',
+                "--set",
+                "train.max_steps=4",
+                "--resume-from",
+                str(runs / "flow" / "ckpt" / "step_0000003.pt"),
+            ]
+        )
+        res["flow"] = {
+            "loss": losses("flow"),
+            "resume_step": 3,
+            "resumed_next_loss": losses("flow_resumed")[0],
+        }
+
+        hift_toml = recipe(
+            "hift",
+            config_to_dict(cfgs["hift"]),
+            2,
+            {
+                "hift": {
+                    "segment_frames": 20,
+                    "period_channels": [4, 8],
+                    "spec_channels": 4,
+                    "adversarial_from": 1,
+                }
+            },
+            lr=2e-4,
+        )
+        hift.main(["--config", str(hift_toml)])
+        res["hift"] = {"loss": losses("hift"), "d_loss": losses("hift", "d_loss")}
+
+        if d.is_main:
+            res["n_utts"] = len(read_manifest(corpus, None))
+            res["tokens"] = len(FeatureCache(cache, "tokens").load())
+            res["embeddings"] = len(FeatureCache(cache, "embeddings").load())
+            res["speakers"] = sorted(FeatureCache(cache, "speakers").load())
+            kinds = {
+                "lm": runs / "lm",
+                "flow": runs / "flow",
+                "hift": runs / "hift",
+                "speech_tokenizer": runs / "tokenizer",
+                "speaker_encoder": spk_path,
+            }
+            nets = {k: network_from_run(k, p) for k, p in kinds.items()}
+            voices = speaker_prompts(corpus, cache, nets["speech_tokenizer"].tokens, ["spk_a"], 1.5)
+            tok_dir = runs / "lm" / "text_tokenizer"
+            out = save_native_dir(runs / "native", **nets, text_tokenizer_dir=tok_dir, speakers=voices)
+            import cosyvoice2
+
+            tts = cosyvoice2.load(out, text_backend="none")
+            assert len(TextTokenizer.from_dir(tok_dir)) == tts.models.lm.cfg.vocab_size
+            res["export"] = {"speakers": tts.speakers()}
+            (tmp / "results.json").write_text(json.dumps(res, indent=2))
+        barrier(d)
+
+
+if __name__ == "__main__":
+    _driver(Path(sys.argv[1]), Path(sys.argv[2]))
