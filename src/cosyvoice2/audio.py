@@ -24,7 +24,6 @@ import io
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from cosyvoice2.config import RATES
 from cosyvoice2.errors import InputError
+from cosyvoice2.fileio import atomic_write_bytes
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | Tensor
 
@@ -680,14 +680,4 @@ def write_audio_atomic(path: str | os.PathLike, x: np.ndarray | Tensor, sample_r
         known = ", ".join(sorted(_SUFFIX_FORMATS))
         raise InputError(f"unknown audio file suffix {suffix!r}; use one of {known}")
     data = encode_audio(x, sample_rate, _SUFFIX_FORMATS.get(suffix, "wav"))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)

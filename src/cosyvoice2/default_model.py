@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import CosyVoiceError, ModelLoadError
+from .fileio import atomic_path
 
 NATIVE_CONFIG = "cosyvoice2.json"
 NATIVE_FORMAT = "cosyvoice2.native"
@@ -128,15 +129,8 @@ def save_network(
     meta = {"format": NATIVE_FORMAT, "kind": kind, "config": json.dumps(config_to_dict(model.cfg))}
     if notice:
         meta["notice"] = notice
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(network_state(model, dtype), tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp files are private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

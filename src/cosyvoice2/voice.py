@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from .config import RATES
 from .errors import InputError
+from .fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -158,16 +158,3 @@ class VoiceReference:
             text_tokens=None if text_tokens is None else [int(t) for t in text_tokens.reshape(-1)],
             name=name,
         )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cosyvoice2.errors import InputError
-from cosyvoice2.voice import VoiceReference, atomic_write_bytes
+from cosyvoice2.fileio import atomic_write_bytes
+from cosyvoice2.voice import VoiceReference
 
 ID_PATTERN = re.compile(r"v_[0-9a-f]{16}")
 MAX_NAME_CHARS = 64
