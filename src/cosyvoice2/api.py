@@ -5,16 +5,26 @@
     voice = tts.voice("prompt.wav", text="transcript of the prompt")
     audio = tts.synthesize("Hello there.", voice=voice)           # float32 numpy, tts.sample_rate Hz
     for chunk in tts.stream(llm_text_pieces, voice=voice): ...    # audio while the text is still arriving
+    async for chunk in tts.astream(async_text_pieces, voice=voice): ...  # the same from asyncio
     converted = tts.convert("source.wav", voice)                  # voice conversion
 
 ``voice`` is a ``VoiceReference``, the name of a built-in speaker, a path to a saved ``.voice`` file, or None
 (the model's default voice). A voice with a transcript means zero-shot cloning, without one cross-lingual
 synthesis, with ``instruct`` instruction-controlled synthesis (instruct2).
+
+Every call goes through one ``cosyvoice2.engine.Engine``: calls from many threads (or tasks) at once are
+served together, with LM decode steps batched across them, and a voice's prompt work is cached. Opt-in CPU
+speed options are arguments of ``load`` (``lm_quant="int8"``, ``flow_quant="int8"``); the defaults keep
+parity with the official model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +32,27 @@ import torch
 
 from .audio import AudioSource
 from .config import RATES
+from .engine import Engine, EngineOptions
 from .errors import InputError
 from .model_dir import OFFICIAL_YAML, Models, load_official_dir
-from .synthesis import Request, StreamSchedule, Synthesizer
+from .synthesis import Request, RequestTrace, StreamSchedule
 from .voice import VoiceReference
 
 VoiceLike = VoiceReference | str | Path | None
 
 
 class CosyVoice2:
-    """A loaded model. Thread-safe: requests keep their state to themselves."""
+    """A loaded model. Thread-safe: requests keep their state to themselves and run concurrently."""
 
-    def __init__(self, models: Models) -> None:
+    def __init__(self, models: Models, options: EngineOptions | None = None) -> None:
         self.models = models
-        self.synth = Synthesizer(models)
+        self.engine = Engine(models, options)
+        self.synth = self.engine.synth
         self.sample_rate = RATES.sample_rate
+
+    def close(self) -> None:
+        """Stop the engine's LM thread (requests in flight fail). The object is unusable afterwards."""
+        self.engine.close()
 
     # -- voices ------------------------------------------------------------------------------------
 
@@ -80,9 +96,9 @@ class CosyVoice2:
         stream: bool = False,
         schedule: StreamSchedule | str | None = None,
         text_frontend: bool = True,
+        trace: RequestTrace | None = None,
     ) -> Request:
-        if isinstance(schedule, str):
-            schedule = StreamSchedule.official() if schedule == "official" else StreamSchedule()
+        schedule = StreamSchedule.parse(schedule)
         if text is not None and not isinstance(text, str) and not isinstance(text, Iterable):
             raise InputError(f"text must be a string or an iterable of strings, not {type(text).__name__}")
         return Request(
@@ -92,8 +108,9 @@ class CosyVoice2:
             speed=float(speed),
             seed=seed,
             stream=stream,
-            schedule=schedule or StreamSchedule(),
+            schedule=schedule,
             text_frontend=text_frontend,
+            trace=trace,
         )
 
     def synthesize(
@@ -104,10 +121,22 @@ class CosyVoice2:
         speed: float = 1.0,
         seed: int | None = None,
         progress: bool = False,
+        *,
+        schedule: StreamSchedule | str | None = None,
+        trace: RequestTrace | None = None,
     ) -> np.ndarray:
-        """Text (any length; long texts are split into sentences) -> float32 audio [n]."""
-        req = self.request(text, voice, instruct, speed, seed)
-        chunks = self.synth.run(req)
+        """Text (any length; long texts are split into sentences) -> float32 audio [n].
+
+        ``schedule=None`` (default) runs the official offline flow (full attention, official parity).
+        ``schedule="fast"`` synthesises through the streaming path and joins the chunks: the voice's
+        prompt work is cached and reused, at a small, bounded difference (tests/test_streaming.py).
+        """
+        if schedule is not None:
+            return _join(
+                self.engine.run(self.request(text, voice, instruct, speed, seed, True, schedule, trace=trace))
+            )
+        req = self.request(text, voice, instruct, speed, seed, trace=trace)
+        chunks = self.engine.run(req)
         if progress and isinstance(text, str):
             from tqdm import tqdm
 
@@ -125,16 +154,102 @@ class CosyVoice2:
         seed: int | None = None,
         schedule: StreamSchedule | str | None = None,
         text_frontend: bool = True,
+        *,
+        trace: RequestTrace | None = None,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as they are made. ``text`` may be an iterable of pieces still being written.
 
-        Closing the returned generator (or dropping it) cancels the request and frees its state.
+        ``schedule``: "fast" (default: small first chunk, then growing chunks, O(chunk) work each) or
+        "official" (the official chunk loop, reproducible chunk for chunk). Closing the returned
+        generator (or dropping it) cancels the request and frees its state.
         """
         req = self.request(
-            text, voice, instruct, speed, seed, stream=True, schedule=schedule, text_frontend=text_frontend
+            text,
+            voice,
+            instruct,
+            speed,
+            seed,
+            stream=True,
+            schedule=schedule,
+            text_frontend=text_frontend,
+            trace=trace,
         )
-        for chunk in self.synth.run(req):
-            yield chunk.detach().numpy().astype(np.float32, copy=False)
+        with contextlib.closing(self.engine.run(req)) as chunks:
+            for chunk in chunks:
+                yield chunk.detach().numpy().astype(np.float32, copy=False)
+
+    async def astream(
+        self,
+        text: str | Iterable[str] | AsyncIterable[str],
+        voice: VoiceLike = None,
+        instruct: str | None = None,
+        speed: float = 1.0,
+        seed: int | None = None,
+        schedule: StreamSchedule | str | None = None,
+        text_frontend: bool = True,
+        *,
+        trace: RequestTrace | None = None,
+        max_buffered: int = 4,
+    ) -> AsyncIterator[np.ndarray]:
+        """``stream`` for asyncio: an async generator of audio chunks; ``text`` may be an async iterable.
+
+        The synthesis runs in a thread of its own; the event loop never blocks on model work. At most
+        ``max_buffered`` chunks wait for the consumer (then synthesis pauses). Leaving the loop early,
+        ``aclose()`` or cancelling the task cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        feed = _TextFeed() if isinstance(text, AsyncIterable) else None
+        sync_text = iter(feed) if feed is not None else text
+        gen = self.stream(
+            sync_text, voice, instruct, speed, seed, schedule, text_frontend, trace=trace
+        )  # validates arguments lazily, in the thread below
+        out: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(max(1, int(max_buffered)))  # chunks the consumer has not taken yet
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            """From the thread: hand an item to the loop once there is room; False once cancelled."""
+            while not room.acquire(timeout=0.25):
+                if stop.is_set():
+                    return False
+            if stop.is_set():
+                return False
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+
+        def run() -> None:
+            try:
+                with contextlib.closing(gen):
+                    for chunk in gen:
+                        if not put(chunk):
+                            return
+                put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer task
+                put(e)
+
+        pump = None
+        if feed is not None:
+            pump = asyncio.ensure_future(feed.pump(text))
+        thread = threading.Thread(target=run, name="cosyvoice2-astream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await out.get()
+                room.release()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            if feed is not None:
+                feed.close()
+            if pump is not None and not pump.done():
+                pump.cancel()
 
     def convert(
         self,
@@ -150,7 +265,51 @@ class CosyVoice2:
             raise InputError("voice conversion needs a target voice")
         tokens = self.models.frontend.source_tokens(source, src_rate=src_rate)
         req = Request(source_tokens=tokens, voice=target, speed=float(speed), seed=seed)
-        return _join(self.synth.run(req))
+        return _join(self.engine.run(req))
+
+
+_DONE = object()
+
+
+class _TextFeed:
+    """An async iterable of text pieces, pumped on the event loop, read as a blocking iterator."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = threading.Event()
+
+    async def pump(self, pieces: AsyncIterable[str]) -> None:
+        try:
+            async for piece in pieces:
+                if self._closed.is_set():
+                    return
+                self._q.put(piece)
+            self._q.put(self._END)
+        except asyncio.CancelledError:
+            self._q.put(self._END)
+            raise
+        except BaseException as e:  # noqa: BLE001 - raised where the text is read
+            self._q.put(e)
+
+    def close(self) -> None:
+        """The consumer went away: whoever reads the text stops at once (the request is cancelled)."""
+        from .engine import Cancelled
+
+        self._closed.set()
+        self._q.put(Cancelled())
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:
@@ -158,19 +317,69 @@ def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def load(path: str | Path | None = None, *, text_backend: str = "auto") -> CosyVoice2:
-    """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model."""
+def load(
+    path: str | Path | None = None,
+    *,
+    text_backend: str = "auto",
+    lm_quant: str | None = None,
+    flow_quant: str | None = None,
+    flow_steps: int | None = None,
+    **engine_options,
+) -> CosyVoice2:
+    """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model.
+
+    Opt-in CPU speed (the defaults keep official parity): ``lm_quant="int8"`` stores the LM backbone's
+    Linear weights in int8 (activations quantised per call; ~4x less memory traffic per decode step, the
+    sampled tokens can differ); ``flow_quant="int8"`` does the same for the flow estimator's transformer
+    Linears. ``flow_steps`` (official: 10) sets the number of Euler steps of the flow's ODE: flow time is
+    proportional to it (the flow dominates CPU time), at a cost in quality that random-weight benchmarks
+    cannot show: check it on real weights before using it. ``engine_options`` are the fields of
+    ``cosyvoice2.engine.EngineOptions`` (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
+    """
     if path is None:
         from .default_model import default_model_dir
 
         path = default_model_dir()
     root = Path(path)
+    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
+        if value not in (None, "int8"):
+            raise InputError(f"{name} must be None or 'int8', got {value!r}")
+    try:
+        options = EngineOptions(**engine_options)
+    except TypeError as e:
+        raise InputError(f"unknown load option: {e}") from None
     if (root / OFFICIAL_YAML).exists():
-        return CosyVoice2(load_official_dir(root, text_backend=text_backend))
-    from .default_model import NATIVE_CONFIG, load_native_dir
+        models = load_official_dir(root, text_backend=text_backend)
+    else:
+        from .default_model import NATIVE_CONFIG, load_native_dir
 
-    if (root / NATIVE_CONFIG).exists():
-        return CosyVoice2(load_native_dir(root, text_backend=text_backend))
-    from .errors import ModelLoadError
+        if not (root / NATIVE_CONFIG).exists():
+            from .errors import ModelLoadError
 
-    raise ModelLoadError(f"{root} is not a model directory (no {OFFICIAL_YAML} or {NATIVE_CONFIG})")
+            raise ModelLoadError(f"{root} is not a model directory (no {OFFICIAL_YAML} or {NATIVE_CONFIG})")
+        models = load_native_dir(root, text_backend=text_backend)
+    speed_up(models, lm_quant=lm_quant, flow_quant=flow_quant, flow_steps=flow_steps)
+    return CosyVoice2(models, options)
+
+
+def speed_up(
+    models: Models,
+    *,
+    lm_quant: str | None = None,
+    flow_quant: str | None = None,
+    flow_steps: int | None = None,
+) -> Models:
+    """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``)."""
+    if flow_steps is not None:
+        if not isinstance(flow_steps, int) or not 1 <= flow_steps <= 100:
+            raise InputError(f"flow_steps must be an integer in [1, 100], got {flow_steps!r}")
+        models.flow.cfg = dataclasses.replace(models.flow.cfg, n_timesteps=flow_steps)
+    if lm_quant == "int8" and models.lm is not None:
+        from .lm import quantize_backbone_int8
+
+        quantize_backbone_int8(models.lm)
+    if flow_quant == "int8":
+        from .engine import quantize_flow_int8
+
+        quantize_flow_int8(models.flow)
+    return models

@@ -24,6 +24,8 @@ def _add_voice_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: the model shipped with cosyvoice2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--int8", action="store_true", help="int8 LM and flow: faster, not exact")
+    p.add_argument("--flow-steps", type=int, default=None, help="flow ODE steps (official 10)")
 
 
 def _load(args):
@@ -33,7 +35,10 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model)
+    opts = {"lm_quant": "int8", "flow_quant": "int8"} if args.int8 else {}
+    if args.flow_steps is not None:
+        opts["flow_steps"] = args.flow_steps
+    return load(args.model, **opts)
 
 
 def _resolve_voice(tts, args):

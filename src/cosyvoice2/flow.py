@@ -42,6 +42,7 @@ parity); float16 is the more accurate compact choice but can overflow for keys/v
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -240,10 +241,28 @@ class CacheWalk:
         old: tuple[Tensor, ...] | None = None,
         collect: bool = False,
         kv_dtype: torch.dtype | None = None,
+        share: bool = False,
+        old_buffers: tuple[_TailBuffer | None, ...] | None = None,
     ):
         self._old: Iterator[Tensor] | None = iter(old) if old else None
         self.new: list[Tensor] | None = [] if collect else None
         self.kv_dtype = kv_dtype
+        self.share = share  # the resulting state will seed many streams (see ``Attention``)
+        self._old_buffers = iter(old_buffers) if old_buffers else None
+        self.buffers: list[_TailBuffer | None] | None = [] if collect else None
+
+    def take_buffer(self) -> _TailBuffer | None:
+        """The buffer behind the previous call's next tail (estimator attention only)."""
+        return None if self._old_buffers is None else next(self._old_buffers)
+
+    def keep_buffer(self, buf: _TailBuffer | None) -> None:
+        if self.buffers is not None:
+            self.buffers.append(buf)
+
+    @property
+    def streaming(self) -> bool:
+        """True when there is a previous call's cache or this call's cache is collected."""
+        return self._old is not None or self.new is not None
 
     def take(self) -> Tensor | None:
         return None if self._old is None else next(self._old)
@@ -266,6 +285,69 @@ def _left_context(ctx: Tensor | None, x: Tensor, k: int) -> Tensor:
     """[B, C, k + T]: the cached k left frames (zeros at the start of a sequence) followed by x [B, C, T]."""
     left = x.new_zeros(x.shape[0], x.shape[1], k) if ctx is None else ctx.to(x.dtype)
     return torch.cat([left, x], dim=-1)
+
+
+# Estimator keys/values grow in place. A stream's cache for one attention block is (head, tail): the
+# head is a read-only tensor shared by every stream started from the same state (the voice prompt, see
+# ``Flow.stream_start``); the tail holds the stream's own frames as a view [B, H, n, d] of a larger
+# buffer (``_TailBuffer``, carried next to the views in ``FlowStream.estimator_buffers``). Appending writes
+# after the view when this view is the buffer's latest (longest) claim, so a chunk costs O(chunk) memory
+# traffic instead of copying the whole prefix; a view that is not the latest (an older state reused
+# after another call extended the buffer) copies into a new buffer first, so every state stays
+# immutable: nothing before a view's end is ever written again.
+_TAIL_LOCK = threading.Lock()
+_TAIL_MIN_FRAMES = 64
+
+
+class _TailBuffer:
+    """Storage [B, H, capacity, d] behind estimator key/value tails; ``claimed`` frames are in use."""
+
+    __slots__ = ("data", "claimed")
+
+    def __init__(self, data: Tensor, claimed: int) -> None:
+        self.data, self.claimed = data, claimed
+
+
+_Caches = tuple[tuple[Tensor, ...], ...]  # per ODE step, layer-ordered cache entries (CacheWalk)
+_Buffers = tuple[tuple[_TailBuffer | None, ...], ...]  # per ODE step, the buffers behind the tails
+
+
+def _append_tail(tail: Tensor | None, buf: _TailBuffer | None, new: Tensor) -> tuple[Tensor, _TailBuffer]:
+    """tail [B, H, n, d] (a view of ``buf``, or None) + new [B, H, m, d] -> (view [B, H, n+m, d], buffer)."""
+    n, m = (0 if tail is None else tail.shape[2]), new.shape[2]
+    with _TAIL_LOCK:
+        in_place = buf is not None and n > 0 and buf.claimed == n and n + m <= buf.data.shape[2]
+        if in_place:
+            buf.claimed = n + m
+    if not in_place:
+        # Capacity doubles: amortised O(1) copies; pages past the end are not touched until used.
+        cap = max(2 * (n + m), _TAIL_MIN_FRAMES)
+        data = new.new_empty(new.shape[0], new.shape[1], cap, new.shape[3])
+        if n:
+            data[:, :, :n] = tail
+        buf = _TailBuffer(data, n + m)
+    buf.data[:, :, n : n + m] = new
+    return buf.data[:, :, : n + m], buf
+
+
+def _attend(q: Tensor, keys: list[Tensor], values: list[Tensor], allowed: Tensor | None) -> Tensor:
+    """Softmax attention of q [B, H, n, d] over the concatenation of key/value segments, without
+    concatenating them (no copy of the cached segments). allowed [B|1, 1, n, S] over all segments."""
+    keys, values = [k for k in keys if k.shape[2]], [v for v in values if v.shape[2]]
+    if len(keys) == 1:
+        k, v = keys[0].to(q.dtype), values[0].to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.cat([torch.matmul(q, k.to(q.dtype).transpose(-1, -2)) for k in keys], dim=-1) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out, start = None, 0
+    for v in values:
+        part = torch.matmul(probs[..., start : start + v.shape[2]], v.to(q.dtype))
+        out = part if out is None else out + part
+        start += v.shape[2]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,7 +606,11 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (q/k/v without bias, out with bias). Cache: keys, values [B, H, S, hd]."""
+    """Multi-head self-attention (q/k/v without bias, out with bias).
+
+    Streaming cache (4 entries): key head, key tail, value head, value tail, each [B, H, S, hd] (see
+    ``_append_tail``); the keys of a block are the head, then the tail, then the block's own.
+    """
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, dropout: float) -> None:
         super().__init__()
@@ -541,14 +627,30 @@ class Attention(nn.Module):
         q, k, v = (
             f(x).view(b, n, self.h, self.hd).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v)
         )
-        k_old, v_old = cache.take(), cache.take()
-        if k_old is not None:
-            k, v = torch.cat([k_old.to(k.dtype), k], 2), torch.cat([v_old.to(v.dtype), v], 2)
-        cache.keep(k, kv=True), cache.keep(v, kv=True)
         # The official additive bias (1 - mask) * -1e10 and a boolean mask give the same softmax as long
         # as every query sees at least one key, which both masks guarantee.
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        if not cache.streaming:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+            return self.to_out(y.transpose(1, 2).reshape(b, n, self.h * self.hd))
+        k_head, k_tail, v_head, v_tail = cache.take(), cache.take(), cache.take(), cache.take()
+        k_buf, v_buf = cache.take_buffer(), cache.take_buffer()
+        dtype = cache.kv_dtype or k.dtype
+        segments, buffers = [], []  # [[key head, key tail], [value head, value tail]], their buffers
+        for head, tail, buf, new in ((k_head, k_tail, k_buf, k), (v_head, v_tail, v_buf, v)):
+            new = new.to(dtype)
+            empty = new.new_empty(b, self.h, 0, self.hd)  # not a view: it must not pin `new`
+            if cache.share:  # everything so far becomes the shared read-only head
+                parts = [t for t in (head, tail) if t is not None and t.shape[2]] + [new]
+                head, tail, buf = torch.cat(parts, 2) if len(parts) > 1 else new.contiguous(), empty, None
+            else:
+                head = empty if head is None else head
+                tail, buf = _append_tail(tail, buf, new)
+            cache.keep(head), cache.keep(tail)
+            segments.append([head, tail])
+            buffers.append(buf)
+        cache.keep_buffer(buffers[0]), cache.keep_buffer(buffers[1])
+        y = _attend(q, segments[0], segments[1], allowed)
         return self.to_out(y.transpose(1, 2).reshape(b, n, self.h * self.hd))
 
 
@@ -651,7 +753,8 @@ class Estimator(nn.Module):
 @dataclass(frozen=True)
 class FlowStream:
     """Caller-owned streaming state (see ``Flow.stream_start``). Immutable: every call returns a new one and
-    never writes into tensors of an old one, so the state after a prompt can seed any number of requests."""
+    never changes what an old one holds (estimator tails grow in place only past the end of every view,
+    see ``_append_tail``), so the state after a prompt can seed any number of requests, concurrently."""
 
     spks: Tensor  # [1, M] projected speaker embedding
     prompt_mel: Tensor  # [1, M, Tp] prompt mel (the cond of frames < Tp)
@@ -663,6 +766,8 @@ class FlowStream:
     static_chunks: bool  # intersect the block-causal masks with the official static chunk masks
     cache_dtype: torch.dtype  # storage dtype of the estimator keys/values
     finished: bool = False
+    # per ODE step, the buffers behind the estimator key/value tails (``_append_tail``), in layer order
+    estimator_buffers: _Buffers = ()
 
     @property
     def nbytes(self) -> int:
@@ -745,25 +850,31 @@ class Flow(nn.Module):
 
     def _solve(
         self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
-        caches: tuple[tuple[Tensor, ...], ...] | None, collect: bool, kv_dtype: torch.dtype | None = None,
-    ) -> tuple[Tensor, tuple[tuple[Tensor, ...], ...]]:  # fmt: skip
+        caches: _Caches | None, collect: bool, kv_dtype: torch.dtype | None = None, share: bool = False,
+        buffers: _Buffers = (),
+    ) -> tuple[Tensor, _Caches, _Buffers]:  # fmt: skip
         """Euler ODE with classifier-free guidance over one block of frames.
 
-        mu, cond, noise [1, M, n], spks [1, M] -> (mel [1, M, n] float32, new per-step caches).
+        mu, cond, noise [1, M, n], spks [1, M] -> (mel [1, M, n] float32, new per-step caches, their tail
+        buffers). ``share``: the new caches will seed many streams (estimator keys/values become read-only
+        heads); ``buffers``: the tail buffers of ``caches``.
         """
         a = self.cfg.cfg_rate
         mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
         # CFG batch: row 0 conditional, row 1 with mu, spks and cond zeroed; both see the same x and t.
         mu2, spks2, cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
-        x, new = noise.to(mu.dtype), []
+        x, new, new_buffers = noise.to(mu.dtype), [], []
         for k, (t, dt) in enumerate(self._time_grid(mu.device)):
-            walk = CacheWalk(caches[k] if caches else None, collect, kv_dtype)
+            walk = CacheWalk(
+                caches[k] if caches else None, collect, kv_dtype, share, buffers[k] if buffers else None
+            )
             x2, t2 = x.expand(_CFG_BATCH, -1, -1), t.to(mu.dtype).expand(_CFG_BATCH)
             v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, allowed, walk)
             x = x + dt * ((1.0 + a) * v[:1] - a * v[1:])
             if collect:
                 new.append(walk.result())
-        return x.float(), tuple(new)
+                new_buffers.append(tuple(walk.buffers))
+        return x.float(), tuple(new), tuple(new_buffers)
 
     # -- official inference ----------------------------------------------------------------------
 
@@ -805,7 +916,7 @@ class Flow(nn.Module):
         cond = torch.zeros_like(mu)
         cond[:, :, :n_prompt] = prompt_mel
         allowed = block_mask(0, n_frames, est_chunk, None, dev)
-        mel, _ = self._solve(mu, spks, cond, noise, allowed, None, collect=False)
+        mel, _, _ = self._solve(mu, spks, cond, noise, allowed, None, collect=False)
         return mel[:, :, n_prompt:]
 
     # -- O(chunk) streaming ------------------------------------------------------------------------
@@ -858,7 +969,7 @@ class Flow(nn.Module):
         state = FlowStream(spks, prompt_mel, tokens, empty, 0, (), (), static_chunks, cache_dtype)
         if cut == 0:
             return state
-        _, state = self._advance(state, tokens[:, :cut], tokens[:, cut : cut + look])
+        _, state = self._advance(state, tokens[:, :cut], tokens[:, cut : cut + look], share=True)
         return replace(state, pending=tokens[:, cut:])
 
     @torch.inference_mode()
@@ -898,10 +1009,14 @@ class Flow(nn.Module):
         return mel, replace(state, pending=tokens[:, :0], promised=block[:, :0] if ahead is None else ahead,
                             finished=final)  # fmt: skip
 
-    def _advance(self, state: FlowStream, block: Tensor, ahead: Tensor | None) -> tuple[Tensor, FlowStream]:
+    def _advance(
+        self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False
+    ) -> tuple[Tensor, FlowStream]:
         """Run encoder + ODE over tokens [n_tokens, n_tokens + n) with the cached left context.
 
         block [1, n], ahead [1, look] or None -> (mel of the block's non-prompt frames, advanced state).
+        ``share``: the new state will seed many streams (its estimator keys/values are stored as read-only
+        heads that later blocks never copy; see ``_append_tail``).
         """
         r, a, n = self.cfg.token_mel_ratio, state.n_tokens, block.shape[1]
         f0, f1 = r * a, r * (a + n)
@@ -916,5 +1031,10 @@ class Flow(nn.Module):
         cond = torch.zeros_like(mu)
         cond[:, :, :in_prompt] = state.prompt_mel[:, :, f0 : f0 + in_prompt]
         allowed = block_mask(f0, f1 - f0, est_chunk, None, mu.device)
-        mel, est = self._solve(mu, state.spks, cond, noise, allowed, state.estimator, True, state.cache_dtype)
-        return mel[:, :, in_prompt:], replace(state, n_tokens=a + n, encoder=enc.result(), estimator=est)
+        mel, est, bufs = self._solve(
+            mu, state.spks, cond, noise, allowed, state.estimator, True, state.cache_dtype, share,
+            state.estimator_buffers,
+        )  # fmt: skip
+        return mel[:, :, in_prompt:], replace(
+            state, n_tokens=a + n, encoder=enc.result(), estimator=est, estimator_buffers=bufs
+        )

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -618,12 +619,15 @@ class CosyVoice2LM(nn.Module):
         prompt_speech: Tensor | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         state: SamplingState | None = None,
+        step: Callable[[Tensor], Tensor] | None = None,
     ) -> Iterator[int]:
         """Speech ids for ``text`` (all modes, SPEC §7.2/7.3), one at a time; B = 1.
 
         ``generator`` gives the request its own random stream (a fresh ``Generator().manual_seed(s)``
         draws like the global generator after ``torch.manual_seed(s)``). Pass ``state`` (whose own
         generator is then used) to choose the limits or read the history/redraw counters afterwards.
+        ``step`` (x [1, T, D] -> log-probs [1, V], keeping its own cache) replaces ``self.step`` on a
+        private cache: a batching engine routes the calls of many requests through one backbone call.
         """
         n_text = _ids(text, "text", self.cfg.vocab_size).numel()
         if n_text == 0:
@@ -631,9 +635,10 @@ class CosyVoice2LM(nn.Module):
         if state is None:
             state = SamplingState.for_text(n_text, self.cfg, generator)
         x = self.build_input(text, prompt_text, prompt_speech)
-        cache = self.new_cache(1, x.shape[1] + state.max_len)
+        if step is None:
+            step = partial(self.step, cache=self.new_cache(1, x.shape[1] + state.max_len))
         while not state.finished:
-            tok = self.sample(self.step(x, cache)[0], state)
+            tok = self.sample(step(x)[0], state)
             if tok is None:
                 return
             yield tok
@@ -650,6 +655,7 @@ class CosyVoice2LM(nn.Module):
         generator: torch.Generator | None = None,
         max_tail_tokens: int | None = None,
         trace: BistreamTrace | None = None,
+        step: Callable[[Tensor], Tensor] | None = None,
     ) -> Iterator[int]:
         """Speech ids while text token chunks are still arriving (official ``inference_bistream``).
 
@@ -658,7 +664,8 @@ class CosyVoice2LM(nn.Module):
         a FILL (forced every 16 decisions, or sampled) asks for more text; EOS is masked meanwhile. When
         the text ends, the rest of the text and TASK are fed and decoding runs until EOS.
         ``max_tail_tokens`` caps that last phase (the official loop has no cap; default
-        ``max_token_text_ratio`` x streamed text tokens). ``trace`` records every backbone call.
+        ``max_token_text_ratio`` x streamed text tokens). ``trace`` records every backbone call; ``step``
+        routes the backbone calls as in ``generate``.
         """
         cfg = self.cfg
         n_txt, n_sp = cfg.mix_ratio
@@ -671,13 +678,16 @@ class CosyVoice2LM(nn.Module):
         history: list[int] = []  # emitted ids and FILLs: the repetition window reads both (official)
         # The official first FILL falls where the prompt's last (partial) 15-block would have ended.
         next_fill = (speech_queue.shape[0] // n_sp + 1) * n_sp - speech_queue.shape[0]
-        n_streamed = 0
-        cache = self.new_cache(1, 256)
+        n_streamed = past = 0
+        if step is None:
+            step = partial(self.step, cache=self.new_cache(1, 256))
 
         def call(x: Tensor) -> Tensor:
+            nonlocal past
             if trace is not None:
-                trace.calls.append((x.shape[0], int(cache.lengths[0])))
-            return self.step(x[None], cache)[0]
+                trace.calls.append((x.shape[0], past))
+            past += x.shape[0]
+            return step(x[None])[0]
 
         def decide(tok: int) -> None:
             history.append(tok)

@@ -95,8 +95,16 @@ class Models:
             tok, prompt.flow_tokens, prompt.flow_mel, prompt.embedding, streaming=streaming, finalize=finalize
         )
 
-    def flow_stream_start(self, prompt):
-        return self.flow.stream_start(prompt.flow_tokens, prompt.flow_mel, prompt.embedding)
+    def flow_stream_start(
+        self, prompt, *, cache_dtype: torch.dtype = torch.float32, static_chunks: bool = False
+    ):
+        return self.flow.stream_start(
+            prompt.flow_tokens,
+            prompt.flow_mel,
+            prompt.embedding,
+            static_chunks=static_chunks,
+            cache_dtype=cache_dtype,
+        )
 
     def flow_stream_step(self, state, new: list[int], ahead: list[int], *, final: bool):
         new_t = torch.tensor(new, dtype=torch.int32)[None]

@@ -14,21 +14,40 @@ embedding-only voice   none (sft)                       none                    
 source tokens (vc)     LM skipped                       -                       unaligned tokens/mel
 =====================  ===============================  ======================  ==================
 
-All per-request state (RNG, LM cache, flow/vocoder stream state, chunk offsets) lives in locals of the
-request's generator; models are shared read-only, so any number of requests can run side by side.
+All per-request state (RNG, LM cache row, flow/vocoder stream state, chunk offsets, the trace) lives in
+locals of the request's generator or on the request; models are shared read-only, so any number of
+requests can run side by side. Three things are pluggable so that ``cosyvoice2.engine.Engine`` can serve
+many requests at once through this same code: where speech tokens come from (``DirectLM`` decodes in the
+caller's thread; the engine batches decode steps across requests), where a voice's flow state after the
+prompt comes from (computed per request, or from the engine's prompt cache), and a guard around
+flow/vocoder work (the engine bounds how many run at once).
 
 Randomness: each request owns a ``torch.Generator`` seeded with ``seed``. Offline synthesis draws the LM
 samples and then the vocoder noise from it, in the official order, so a seed reproduces the official
 audio. A streaming request interleaves LM and vocoder work, so its vocoder gets its own generator
 derived from the seed: streaming output is still reproducible from the seed alone.
+
+Streaming schedules (``StreamSchedule``):
+
+* ``official``: CosyVoice2Model's loop (SPEC §10): every chunk re-runs the flow from token 0 (work per
+  chunk grows with the prefix, quadratic in total) and the final chunk uses full attention. Reproduces
+  the official chunks sample for sample.
+* ``fast`` (default): the flow keeps a block-causal state between chunks (``Flow.stream_step``), so each
+  chunk costs O(chunk); the voice's state after the prompt is computed once and shared. Chunks start
+  small (first packet) and grow. Vocoder chunks are joined with the official overlap + cross-fade.
+  Block-causal attention is a different (streaming) approximation of the offline output than the
+  official chunk masks; tests/test_streaming.py bounds the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +70,67 @@ class StreamSchedule:
     ``max``; every chunk re-runs the flow from token 0 and the final one uses full attention (SPEC §10).
     We start every request at ``first`` (the official object keeps the grown hop for later requests,
     SPEC §16.1: a leak we do not reproduce).
-    ``fast`` keeps the flow's state between chunks so a chunk costs O(chunk); the first chunk is small.
+    ``fast`` keeps the flow's state between chunks so a chunk costs O(chunk); the first chunk is small
+    (``first`` tokens = 2 * first mel frames; the vocoder holds back its 8-frame overlap, so the first
+    packet carries 2 * first - 8 frames of audio).
     """
 
     kind: Literal["official", "fast"] = "fast"
-    first: int = 12
+    first: int = 8
     growth: int = 2
     max: int = 50
 
     @classmethod
     def official(cls) -> StreamSchedule:
         return cls(kind="official", first=25, growth=2, max=100)
+
+    @classmethod
+    def parse(cls, schedule: StreamSchedule | str | None) -> StreamSchedule:
+        if schedule is None or isinstance(schedule, StreamSchedule):
+            return schedule or cls()
+        if schedule == "official":
+            return cls.official()
+        if schedule == "fast":
+            return cls()
+        raise InputError(f"schedule must be 'fast', 'official' or a StreamSchedule, not {schedule!r}")
+
+    def validate(self, mel_cache_frames: int = 8) -> None:
+        if self.kind not in ("official", "fast"):
+            raise InputError(f"unknown stream schedule kind {self.kind!r}")
+        # A non-final vocoder chunk must cover the vocoder's overlap (official: 8 mel frames).
+        least = -(-mel_cache_frames // RATES.token_mel_ratio)
+        if not (least <= self.first <= self.max) or self.growth < 1:
+            raise InputError(
+                f"stream schedule needs {least} <= first <= max and growth >= 1, got first={self.first} "
+                f"max={self.max} growth={self.growth}"
+            )
+
+
+@dataclass
+class ChunkTrace:
+    """Work done for one emitted chunk (``estimator_frames`` is what the flow's ODE ran over)."""
+
+    tokens: int  # new speech tokens covered by this chunk
+    estimator_frames: int  # mel frames the flow estimator processed (prompt frames included)
+    context_frames: int  # frames before the block: cached (fast) or recomputed (official: included above)
+    samples: int  # audio samples emitted
+    flow_s: float
+    vocoder_s: float
+    at_s: float  # seconds since the request started, when the chunk was ready
+
+
+@dataclass
+class RequestTrace:
+    """Per-request record of what the pipeline did (pass one in ``Request.trace``; it is filled in)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    chunks: list[ChunkTrace] = field(default_factory=list)
+    lm_tokens: int = 0
+    prompt_cache_hit: bool | None = None  # fast streaming: whether the voice's flow state was cached
+    first_audio_s: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 @dataclass(frozen=True)
@@ -75,10 +144,13 @@ class Request:
     stream: bool = False
     schedule: StreamSchedule = field(default_factory=StreamSchedule)
     text_frontend: bool = True
+    trace: RequestTrace | None = None
 
     def validate(self) -> None:
         if not (MIN_SPEED <= float(self.speed) <= MAX_SPEED):
             raise InputError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {self.speed}")
+        if self.stream:
+            self.schedule.validate()
         if self.source_tokens is not None:
             if self.text is not None:
                 raise InputError("voice conversion takes source audio, not text")
@@ -112,12 +184,76 @@ class _Prompt:
     flow_mel: Tensor  # [1, 2P, 80]
     embedding: Tensor  # [1, D]
 
+    def flow_key(self) -> str:
+        """Content hash of what the flow's prompt state depends on (same voice file -> same key)."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.flow_tokens, self.flow_mel, self.embedding):
+            t = t.detach().contiguous().cpu()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
 
-class Synthesizer:
-    """Runs requests against one set of loaded models (see ``cosyvoice2.api.load``)."""
+
+# --------------------------------------------------------------------------------------------------
+# Pluggable pieces
+# --------------------------------------------------------------------------------------------------
+
+
+class LMBackend(Protocol):
+    """Where speech tokens come from. Iterators must stop their work (and free rows) when closed."""
+
+    def generate(self, text_ids: list[int], prompt: _Prompt, gen: torch.Generator) -> Iterator[int]: ...
+
+    def generate_bistream(
+        self, chunks: Iterator[list[int]], prompt: _Prompt, gen: torch.Generator
+    ) -> Iterator[int]: ...
+
+
+class DirectLM:
+    """Decode in the caller's thread with a private KV cache (no batching)."""
 
     def __init__(self, models) -> None:
         self.models = models
+
+    def generate(self, text_ids, prompt, gen):
+        return self.models.lm_generate(text_ids, prompt.lm_text, prompt.lm_speech, gen)
+
+    def generate_bistream(self, chunks, prompt, gen):
+        return self.models.lm_generate_bistream(chunks, prompt.lm_text, prompt.lm_speech, gen)
+
+
+FlowStartFn = Callable[[_Prompt, Callable[[], object]], tuple[object, bool]]
+
+
+def _no_cache(prompt: _Prompt, compute: Callable[[], object]) -> tuple[object, bool]:
+    return compute(), False
+
+
+class Synthesizer:
+    """Runs requests against one set of loaded models (see ``cosyvoice2.api.load``).
+
+    ``lm``: token source (default ``DirectLM``). ``flow_start``: ``(prompt, compute) -> (state, hit)``,
+    e.g. a prompt cache (default: compute every time). ``compute``: a context-manager factory entered
+    around every flow/vocoder call (default: none). ``flow_cache_dtype`` / ``static_chunks``: fast-stream
+    flow state options (see ``Flow.stream_start``).
+    """
+
+    def __init__(
+        self,
+        models,
+        *,
+        lm: LMBackend | None = None,
+        flow_start: FlowStartFn | None = None,
+        compute: Callable[[], contextlib.AbstractContextManager] | None = None,
+        flow_cache_dtype: torch.dtype = torch.float32,
+        static_chunks: bool = False,
+    ) -> None:
+        self.models = models
+        self.lm = lm or DirectLM(models)
+        self.flow_start = flow_start or _no_cache
+        self.compute = compute or contextlib.nullcontext
+        self.flow_cache_dtype = flow_cache_dtype
+        self.static_chunks = static_chunks
 
     # -- request -> prompt ---------------------------------------------------------------------
 
@@ -158,33 +294,59 @@ class Synthesizer:
             pieces = self.models.frontend.text_pieces(req.text) if req.text_frontend else [req.text]
             for piece in pieces:
                 ids = self.models.frontend.encode(piece)
-                tokens = self.models.lm_generate(ids, prompt.lm_text, prompt.lm_speech, gen)
-                yield from self._token2wav(tokens, prompt, req, vgen)
+                with contextlib.closing(self.lm.generate(ids, prompt, gen)) as tokens:
+                    yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen)
         else:
             text_ids = self.models.stream_text_ids(req.text, req.text_frontend)
-            tokens = self.models.lm_generate_bistream(text_ids, prompt.lm_text, prompt.lm_speech, gen)
-            yield from self._token2wav(tokens, prompt, req, vgen)
+            with contextlib.closing(self.lm.generate_bistream(text_ids, prompt, gen)) as tokens:
+                yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen)
+
+    @staticmethod
+    def _counted(tokens: Iterator[int], trace: RequestTrace | None) -> Iterator[int]:
+        if trace is None:
+            return tokens
+
+        def count():
+            for tok in tokens:
+                trace.lm_tokens += 1
+                yield tok
+
+        return count()
 
     # -- speech tokens -> audio ------------------------------------------------------------------
 
     def _token2wav(self, tokens: Iterator[int], prompt: _Prompt, req: Request, gen) -> Iterator[Tensor]:
         if not req.stream:
-            yield self.offline(list(tokens), prompt, req.speed, gen)
+            yield self.offline(list(tokens), prompt, req.speed, gen, req.trace)
         elif req.schedule.kind == "official":
-            yield from self.stream_official(tokens, prompt, req.schedule, req.speed, gen)
+            yield from self.stream_official(tokens, prompt, req.schedule, req.speed, gen, req.trace)
         else:
-            yield from self.stream_fast(tokens, prompt, req.schedule, req.speed, gen)
+            yield from self.stream_fast(tokens, prompt, req.schedule, req.speed, gen, req.trace)
 
-    def offline(self, tokens: list[int], prompt: _Prompt, speed: float, gen) -> Tensor:
+    def offline(
+        self, tokens: list[int], prompt: _Prompt, speed: float, gen, trace: RequestTrace | None = None
+    ) -> Tensor:
         if not tokens:
             return torch.zeros(0)
-        mel = self.models.flow_inference(tokens, prompt, streaming=False, finalize=True)
-        mel = _apply_speed(mel, speed)
-        audio, _ = self.models.hift.inference(mel, generator=gen)
+        with self.compute():
+            t0 = time.perf_counter()
+            mel = self.models.flow_inference(tokens, prompt, streaming=False, finalize=True)
+            mel = _apply_speed(mel, speed)
+            t1 = time.perf_counter()
+            audio, _ = self.models.hift.inference(mel, generator=gen)
+            t2 = time.perf_counter()
+        n_prompt = prompt.flow_tokens.shape[1]
+        _record(trace, len(tokens), RATES.token_mel_ratio * (n_prompt + len(tokens)), 0, audio, t0, t1, t2)
         return audio[0]
 
     def stream_official(
-        self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule, speed: float, gen
+        self,
+        tokens: Iterator[int],
+        prompt: _Prompt,
+        schedule: StreamSchedule,
+        speed: float,
+        gen,
+        trace: RequestTrace | None = None,
     ) -> Iterator[Tensor]:
         """The official chunk loop (SPEC §10): each chunk re-runs the flow on all tokens so far."""
         from .hift import VocoderStream
@@ -200,12 +362,18 @@ class Synthesizer:
             have.append(tok)
             this_hop = hop + pad if offset == 0 else hop
             if len(have) - offset >= this_hop + look:
-                mel = self.models.flow_inference(
-                    have[: offset + this_hop + look], prompt, streaming=True, finalize=False
-                )[:, :, offset * ratio :]
-                audio, vstate = self.models.hift.stream_step(
-                    vstate, _apply_speed(mel, speed), final=False, generator=gen
-                )
+                with self.compute():
+                    t0 = time.perf_counter()
+                    mel = self.models.flow_inference(
+                        have[: offset + this_hop + look], prompt, streaming=True, finalize=False
+                    )[:, :, offset * ratio :]
+                    t1 = time.perf_counter()
+                    audio, vstate = self.models.hift.stream_step(
+                        vstate, _apply_speed(mel, speed), final=False, generator=gen
+                    )
+                    t2 = time.perf_counter()
+                frames = ratio * (n_prompt + offset + this_hop)
+                _record(trace, this_hop, frames, 0, audio, t0, t1, t2)
                 offset += this_hop
                 hop = min(schedule.max, hop * schedule.growth)
                 if audio.numel():
@@ -213,41 +381,108 @@ class Synthesizer:
         if not have:
             return
         # SPEC §16.2: the official final chunk runs the flow without chunk masks; the fixtures pin it.
-        mel = self.models.flow_inference(have, prompt, streaming=False, finalize=True)[:, :, offset * ratio :]
-        audio, _ = self.models.hift.stream_step(vstate, _apply_speed(mel, speed), final=True, generator=gen)
+        with self.compute():
+            t0 = time.perf_counter()
+            mel = self.models.flow_inference(have, prompt, streaming=False, finalize=True)
+            mel = mel[:, :, offset * ratio :]
+            t1 = time.perf_counter()
+            audio, _ = self.models.hift.stream_step(
+                vstate, _apply_speed(mel, speed), final=True, generator=gen
+            )
+            t2 = time.perf_counter()
+        _record(trace, len(have) - offset, ratio * (n_prompt + len(have)), 0, audio, t0, t1, t2)
         if audio.numel():
             yield audio[0]
 
+    def flow_stream_start(self, prompt: _Prompt):
+        """The flow's state after the voice prompt (from ``flow_start``, e.g. the engine's prompt cache)."""
+
+        def compute():
+            with self.compute():
+                return self.models.flow_stream_start(
+                    prompt, cache_dtype=self.flow_cache_dtype, static_chunks=self.static_chunks
+                )
+
+        return self.flow_start(prompt, compute)
+
     def stream_fast(
-        self, tokens: Iterator[int], prompt: _Prompt, schedule: StreamSchedule, speed: float, gen
+        self,
+        tokens: Iterator[int],
+        prompt: _Prompt,
+        schedule: StreamSchedule,
+        speed: float,
+        gen,
+        trace: RequestTrace | None = None,
     ) -> Iterator[Tensor]:
         """Chunk-causal streaming with the flow state kept between chunks: each chunk costs O(chunk)."""
         from .hift import VocoderStream
 
         look = self.models.flow.cfg.pre_lookahead_len
-        fstate = self.models.flow_stream_start(prompt)
-        vstate = VocoderStream()
+        ratio = RATES.token_mel_ratio
+        tokens = iter(tokens)
         have: list[int] = []
-        offset, hop = 0, schedule.first
+        # Wait for the first token before touching the flow: a request that produces no speech (or is
+        # cancelled first) costs nothing, and the LM is already decoding while the prompt state is made.
         for tok in tokens:
             have.append(tok)
-            if len(have) - offset >= hop + look:
-                new = have[offset : offset + hop]
-                ahead = have[offset + hop : offset + hop + look]
-                mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=False)
+            break
+        if not have:
+            return
+        fstate, hit = self.flow_stream_start(prompt)
+        if trace is not None:
+            trace.prompt_cache_hit = hit
+        vstate = VocoderStream()
+        offset, hop = 0, schedule.first
+
+        def chunk(new: list[int], ahead: list[int], final: bool):
+            nonlocal fstate, vstate
+            before = fstate.n_tokens
+            with self.compute():
+                t0 = time.perf_counter()
+                mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=final)
+                t1 = time.perf_counter()
                 audio, vstate = self.models.hift.stream_step(
-                    vstate, _apply_speed(mel, speed), final=False, generator=gen
+                    vstate, _apply_speed(mel, speed), final=final, generator=gen
                 )
+                t2 = time.perf_counter()
+            frames = ratio * (fstate.n_tokens - before)
+            _record(trace, len(new), frames, ratio * before, audio, t0, t1, t2)
+            return audio
+
+        def ready() -> Iterator[Tensor]:
+            nonlocal offset, hop
+            while len(have) - offset >= hop + look:
+                audio = chunk(have[offset : offset + hop], have[offset + hop : offset + hop + look], False)
                 offset += hop
                 hop = min(schedule.max, hop * schedule.growth)
                 if audio.numel():
                     yield audio[0]
-        if not have:
-            return
-        mel, fstate = self.models.flow_stream_step(fstate, have[offset:], [], final=True)
-        audio, _ = self.models.hift.stream_step(vstate, _apply_speed(mel, speed), final=True, generator=gen)
+
+        yield from ready()
+        for tok in tokens:
+            have.append(tok)
+            yield from ready()
+        audio = chunk(have[offset:], [], True)
         if audio.numel():
             yield audio[0]
+
+
+def _record(trace, n_tokens, frames, context, audio, t0, t1, t2) -> None:
+    if trace is None:
+        return
+    trace.chunks.append(
+        ChunkTrace(
+            tokens=n_tokens,
+            estimator_frames=frames,
+            context_frames=context,
+            samples=int(audio.shape[-1]),
+            flow_s=t1 - t0,
+            vocoder_s=t2 - t1,
+            at_s=t2 - trace.started,
+        )
+    )
+    if trace.first_audio_s is None and audio.numel():
+        trace.first_audio_s = t2 - trace.started
 
 
 def _apply_speed(mel: Tensor, speed: float) -> Tensor:

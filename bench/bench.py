@@ -1,0 +1,371 @@
+"""CPU benchmark of the serving path: first-packet latency, real-time factor, LM ms/token, peak RSS, at
+concurrency 1 and 4. Prints one JSON document.
+
+    python bench/bench.py                 # full run (several minutes on a 2-core machine)
+    python bench/bench.py --quick         # short utterances, fewer repeats (~2 min)
+    python bench/bench.py --variants int8 --threads 2 --out result.json
+
+Models:
+* ``full-size random``: the dimensions of CosyVoice2-0.5B (``LMConfig/FlowConfig/HiFTConfig
+  .cosyvoice2_0_5b()``) with random weights (the LM is built on the meta device and filled cheaply; its
+  stop ids get a -30 bias so every utterance runs to its full length, as the fixtures' models do). A
+  stand-in text frontend maps each character to one text id, so an utterance of n characters decodes
+  exactly 20 n speech tokens (``max_token_text_ratio``). The voice is a random 3 s prompt (75 tokens,
+  150 mel frames, a 30-id transcript): "fresh" = nothing cached, "saved" = its prompt work cached.
+* ``default model``: the shipped model (``cosyvoice2.load()``) with its default voice, when it exists.
+
+Each variant runs in its own process (so peak RSS is per variant): ``fp32`` (defaults: official parity),
+``int8`` (``lm_quant="int8", flow_quant="int8"``), ``int8-steps5`` (also ``flow_steps=5``: half the flow
+work, a quality trade-off these random weights cannot measure) and ``int8-quality`` (fp32 vs int8 outputs
+on the same random weights: LM next-token distributions, flow mel). Timings are wall-clock medians; the
+machine may be shared, so ``load_before``/``load_after`` (1-minute load average) are recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+SAMPLE_RATE = 24000
+HERE = Path(__file__).resolve()
+VARIANTS = {  # speed options of each random full-size variant (cosyvoice2.api.speed_up)
+    "fp32": {},
+    "int8": {"lm_quant": "int8", "flow_quant": "int8"},
+    "int8-steps5": {"lm_quant": "int8", "flow_quant": "int8", "flow_steps": 5},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class CharFrontend:
+    """Stand-in text frontend for random-weight models: one text id per character, no normalisation."""
+
+    text_backend = "none"
+
+    def text_pieces(self, text: str) -> list[str]:
+        return [text]
+
+    def encode(self, text: str) -> list[int]:
+        return [1000 + (ord(c) % 5000) for c in text]
+
+    def instruct_ids(self, text: str) -> list[int]:
+        return self.encode(text)
+
+
+def random_full_size():
+    """Models with CosyVoice2-0.5B dimensions and random weights (seconds, not minutes, to build)."""
+    from cosyvoice2.flow import Flow, FlowConfig
+    from cosyvoice2.hift import HiFT, HiFTConfig
+    from cosyvoice2.lm import CosyVoice2LM, LMConfig
+    from cosyvoice2.model_dir import Models
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lm = CosyVoice2LM(LMConfig.cosyvoice2_0_5b())
+    lm = lm.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.02)
+        for norm in (m for m in lm.modules() if type(m).__name__ == "RMSNorm"):
+            norm.weight.fill_(1.0)
+        lm.speech_head.bias[lm.cfg.speech_token_size :] = -30.0  # never stop early (as the fixture models)
+    flow = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+    hift = HiFT(HiFTConfig.cosyvoice2_0_5b()).eval()
+    return Models(lm, flow, hift, CharFrontend())
+
+
+def random_voice(seed: int = 0):
+    from cosyvoice2.voice import VoiceReference
+
+    g = torch.Generator().manual_seed(seed)
+    return VoiceReference(
+        embedding=torch.randn(192, generator=g),
+        speech_tokens=torch.randint(0, 6561, (75,), generator=g),
+        mel=torch.randn(150, 80, generator=g) * 2 - 5,
+        text_tokens=torch.randint(1000, 6000, (30,), generator=g).tolist(),
+        name=f"random-{seed}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def lm_ms_per_token(lm, batch: int, steps: int, prefix: int = 120) -> float:
+    """Median ms per backbone decode step for ``batch`` rows after a ``prefix``-position prefill."""
+    cache = lm.new_cache(batch, prefix + steps + 8)
+    with torch.inference_mode():
+        x = torch.randn(1, prefix, lm.cfg.hidden_size) * 0.1
+        for b in range(batch):
+            lm.step(x, cache, rows=[b])
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            lm.decode_step([1] * batch, cache)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def prefill_ms(lm, positions: int) -> float:
+    with torch.inference_mode():
+        x = torch.randn(1, positions, lm.cfg.hidden_size) * 0.1
+        t = time.perf_counter()
+        lm.step(x, lm.new_cache(1, positions))
+        return 1000 * (time.perf_counter() - t)
+
+
+def profile_of(trace, wall: float) -> dict:
+    flow = sum(c.flow_s for c in trace.chunks)
+    voc = sum(c.vocoder_s for c in trace.chunks)
+    return {
+        "lm_tokens": trace.lm_tokens,
+        "flow_s": round(flow, 3),
+        "vocoder_s": round(voc, 3),
+        "lm_and_other_s": round(wall - flow - voc, 3),
+        "chunks": len(trace.chunks),
+    }
+
+
+def synthesize_once(tts, text, voice, seed, schedule=None) -> dict:
+    from cosyvoice2.synthesis import RequestTrace
+
+    trace = RequestTrace()
+    t = time.perf_counter()
+    audio = tts.synthesize(text, voice=voice, seed=seed, schedule=schedule, trace=trace)
+    wall = time.perf_counter() - t
+    secs = audio.size / SAMPLE_RATE
+    return {"audio_s": round(secs, 2), "wall_s": round(wall, 2), "rtf": round(wall / secs, 3)} | {
+        "profile": profile_of(trace, wall)
+    }
+
+
+def first_packet(tts, text, voice, seed, schedule="fast") -> dict:
+    """Seconds until the first non-empty chunk; the request is then cancelled."""
+    from cosyvoice2.synthesis import RequestTrace
+
+    trace = RequestTrace()
+    t = time.perf_counter()
+    gen = tts.stream(text, voice=voice, seed=seed, schedule=schedule, trace=trace)
+    chunk = next(c for c in gen if c.size)
+    latency = time.perf_counter() - t
+    gen.close()
+    c0 = trace.chunks[0]
+    return {
+        "first_packet_s": round(latency, 3),
+        "first_chunk_audio_s": round(chunk.size / SAMPLE_RATE, 3),
+        "lm_tokens_before": c0.tokens + 3,
+        "first_flow_s": round(c0.flow_s, 3),
+        "first_vocoder_s": round(c0.vocoder_s, 3),
+        "prompt_cache_hit": trace.prompt_cache_hit,
+    }
+
+
+def concurrent_streams(tts, texts, voice) -> dict:
+    """Run one stream per text at once (threads, as a server does); aggregate audio seconds per second."""
+    results = [None] * len(texts)
+
+    def run(i):
+        t = time.perf_counter()
+        first, total = None, 0
+        for chunk in tts.stream(texts[i], voice=voice, seed=100 + i):
+            if first is None and chunk.size:
+                first = time.perf_counter() - t
+            total += chunk.size
+        results[i] = (first, total / SAMPLE_RATE, time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    audio = sum(r[1] for r in results)
+    return {
+        "streams": len(texts),
+        "audio_s": round(audio, 2),
+        "wall_s": round(wall, 2),
+        "audio_s_per_s": round(audio / wall, 3),
+        "first_packet_s": [round(r[0], 3) for r in results],
+    }
+
+
+def int8_quality(models) -> dict:
+    """fp32 vs int8 on the same weights: LM next-token distributions and flow mel (before quantising)."""
+    from cosyvoice2.engine import quantize_flow_int8
+    from cosyvoice2.lm import quantize_backbone_int8
+
+    lm, flow = models.lm, models.flow
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 140, lm.cfg.hidden_size, generator=g) * 0.1
+    tokens = torch.randint(0, 6561, (1, 50), generator=g)
+    prompt = torch.randint(0, 6561, (1, 75), generator=g)
+    pmel, emb = torch.randn(1, 150, 80, generator=g) * 2 - 5, torch.randn(1, 192, generator=g)
+    with torch.inference_mode():
+        ref_lp = lm.speech_logp(lm.forward_embeds(x))[0]  # [T, V] teacher-forced
+        ref_mel = flow.inference(tokens, prompt, pmel, emb, streaming=False, finalize=True)
+        quantize_backbone_int8(lm)
+        quantize_flow_int8(flow)
+        lp = lm.speech_logp(lm.forward_embeds(x))[0]
+        mel = flow.inference(tokens, prompt, pmel, emb, streaming=False, finalize=True)
+    p, q = ref_lp.exp(), lp.exp()
+
+    def _r(d):
+        return round(float(d.abs().max()), 4)
+
+    top = ref_lp.topk(25, dim=-1).indices
+    return {
+        "lm_logp_max_abs_diff_top25": _r(ref_lp.gather(1, top) - lp.gather(1, top)),
+        "lm_total_variation_mean": round(float(0.5 * (p - q).abs().sum(-1).mean()), 5),
+        "lm_top1_agreement": round(float((ref_lp.argmax(-1) == lp.argmax(-1)).float().mean()), 4),
+        "flow_mel_mean_abs_diff": round(float((ref_mel - mel).abs().mean()), 5),
+        "flow_mel_mean_abs": round(float(ref_mel.abs().mean()), 4),
+        "note": "random weights: trained weights have outlier channels that per-row int8 scales handle worse",
+    }
+
+
+def run_variant(variant: str, quick: bool) -> dict:
+    import cosyvoice2
+    from cosyvoice2.api import CosyVoice2, speed_up
+    from cosyvoice2.errors import ModelLoadError
+
+    out: dict = {"variant": variant}
+    t = time.perf_counter()
+    if variant == "default-model":
+        try:
+            tts = cosyvoice2.load()
+        except ModelLoadError as e:
+            return {"variant": variant, "skipped": f"no default model: {e}"}
+        voice = None
+        texts = ["Hello, this is a quick test of the default voice.", "The weather is lovely today."]
+        long_text = "Streaming speech synthesis turns text into audio while the text is still arriving."
+    else:
+        models = random_full_size()
+        if variant == "int8-quality":
+            return out | {"int8_quality": int8_quality(models)}
+        speed_up(models, **VARIANTS[variant])
+        tts = CosyVoice2(models)
+        voice = random_voice()
+        n = 4 if quick else 13  # characters -> 20 n speech tokens: 3.2 s / 10.4 s of speech
+        long_text = "abcdefghijklmnopqrstuvwxyz"[:n]
+        texts = ["abcdefgh"[: 3 if quick else 8], "ijklmnop"[: 3 if quick else 8]]  # 2.4 s / 6.4 s each
+    out["build_s"] = round(time.perf_counter() - t, 1)
+
+    if tts.models.lm is not None:
+        lm = tts.models.lm
+        steps = 10 if quick else 30
+        out["lm_ms_per_token"] = {
+            "batch1": round(lm_ms_per_token(lm, 1, steps), 1),
+            "batch4_per_step": round(lm_ms_per_token(lm, 4, steps), 1),
+        }
+        out["lm_ms_per_token"]["batch4_per_token"] = round(out["lm_ms_per_token"]["batch4_per_step"] / 4, 1)
+        out["lm_prefill_ms_136_positions"] = round(prefill_ms(lm, 136), 1)
+
+    # First packet: fresh voice (nothing cached) vs saved voice (prompt work cached), fast schedule.
+    tts.engine.prompts.clear()
+    fresh = first_packet(tts, long_text, voice, 1)
+    saved = [first_packet(tts, long_text, voice, 2 + i) for i in range(1 if quick else 3)]
+    out["first_packet"] = {
+        "fresh_voice": fresh,
+        "saved_voice": min(saved, key=lambda r: r["first_packet_s"])
+        | {"all_s": [r["first_packet_s"] for r in saved]},
+        "official_schedule_saved_voice": first_packet(tts, long_text, voice, 5, schedule="official"),
+    }
+
+    # Non-streaming: official offline flow (parity) and the fast path (cached prompt, chunked flow).
+    out["synthesize_official_offline"] = synthesize_once(tts, long_text, voice, 1)
+    out["synthesize_fast_saved_voice"] = synthesize_once(tts, long_text, voice, 1, schedule="fast")
+
+    # Concurrency: the same kind of streams, 1 at a time vs 4 at once.
+    texts4 = [texts[i % 2] for i in range(4)]
+    c1 = concurrent_streams(tts, texts4[:1], voice)
+    c4 = concurrent_streams(tts, texts4, voice)
+    ratio = round(c4["audio_s_per_s"] / c1["audio_s_per_s"], 2)
+    out["concurrency"] = {"c1": c1, "c4": c4, "c4_over_c1": ratio}
+    out["engine"] = tts.engine.stats()
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    tts.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short utterances, fewer repeats")
+    ap.add_argument("--variants", default=",".join([*VARIANTS, "int8-quality", "default-model"]))
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args.quick)))
+        return
+
+    report = {
+        "machine": machine(),
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": [],
+    }
+    for variant in args.variants.split(","):
+        load = os.getloadavg()[0]
+        cmd = [sys.executable, str(HERE), "--worker", variant, "--threads", str(args.threads)]
+        cmd += ["--quick"] if args.quick else []
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            result = {"variant": variant, "error": proc.stderr.strip().splitlines()[-5:]}
+        else:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result |= {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+        result["process_s"] = round(time.perf_counter() - t, 1)
+        report["results"].append(result)
+        print(f"{variant}: done in {result['process_s']} s", file=sys.stderr, flush=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,628 @@
+"""Serving engine: many requests at once on one set of models, each as if it ran alone.
+
+Who does what (all model weights are shared read-only; no request state lives on a model):
+
+* **the caller's thread** (one per request, e.g. a server worker) runs ``Synthesizer.run``: text frontend,
+  flow and vocoder. Flow/vocoder calls hold one of ``flow_slots`` (default 1: on a small CPU two flow
+  calls at once only fight over the same cores);
+* **one LM worker thread** owns a batched KV cache (one row per active request) and runs every backbone
+  call: the single-token decode steps of all requests that are waiting go through the backbone as one
+  batch (a decode step reads every weight once, so B rows cost little more than one), prefills run one
+  request at a time;
+* **one producer thread per LM request** runs the unchanged decoding protocol (``CosyVoice2LM.generate``
+  or ``generate_bistream``, with the request's own ``SamplingState`` and ``torch.Generator``), routing
+  each backbone call to the worker through the ``step`` hook, and puts speech tokens on the request's
+  queue. So the LM keeps decoding while the caller's thread runs the flow, and a request's tokens are
+  the ones it would get alone with the same seed (batching changes the backbone's float rounding only,
+  ~1e-6 on the log-probs).
+
+Closing a request's audio iterator cancels it: its pending backbone call is dropped and its cache row is
+free for the next request before ``close()`` returns. When no request is active the KV cache is released.
+
+Prompt cache (``PromptCache``, a byte-bounded LRU shared by all requests) keeps, per voice content:
+
+* the flow's streaming state after the voice prompt (encoder + estimator keys/values of every prompt
+  frame, ``Flow.stream_start``): the most expensive prompt-only work (a 3 s prompt is as much flow
+  work as 3 s of speech) and exactly reusable, since later frames only read it;
+* with ``lm_prefix_cache``, the LM keys/values of ``[SOS] + prompt text`` (transcript or instruction).
+  The LM input is ``[SOS] prompt_text text [TASK] prompt_speech``, so only that head is shared between
+  requests of one voice: prompt speech comes after the request's own text and its keys depend on it.
+  The cached head is reused position for position (same inputs, same causal attention); only the
+  blocking of the prefill GEMMs differs (tests check the tokens are unchanged).
+
+The voice features themselves (prompt tokens, mel, speaker embedding) are already cached by the voice
+(``VoiceReference``, saved as ``.voice`` files). Cache keys are content hashes, so a voice re-read from
+its file for every request still hits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .lm import CosyVoice2LM, Int8DynamicLinear, KVCache
+from .synthesis import Request, Synthesizer, _Prompt
+
+# --------------------------------------------------------------------------------------------------
+# Prompt cache
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptCache:
+    """Thread-safe LRU of per-voice precomputations, bounded by their total size in bytes.
+
+    ``get(key, compute, nbytes)`` returns ``(value, hit)``. Concurrent misses of one key compute it once
+    (the others wait). A value larger than the whole budget is returned but not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._items: OrderedDict[object, tuple[object, int]] = OrderedDict()
+        self._inflight: dict[object, threading.Event] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key, compute: Callable[[], object], nbytes: Callable[[object], int]) -> tuple[object, bool]:
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key][0], True
+                event = self._inflight.get(key)
+                if event is None:
+                    event = self._inflight[key] = threading.Event()
+                    break
+            event.wait()  # someone else is computing it; then look again
+        try:
+            value = compute()
+            size = int(nbytes(value))
+            with self._lock:
+                self.misses += 1
+                if size <= self.max_bytes:
+                    self._items[key] = (value, size)
+                    self.nbytes += size
+                    while self.nbytes > self.max_bytes:
+                        _, (_, old) = self._items.popitem(last=False)
+                        self.nbytes -= old
+            return value, False
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            event.set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """LM keys/values of a shared input head, per layer [Hkv, p, hd]."""
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+# --------------------------------------------------------------------------------------------------
+# LM worker: one batched KV cache, one thread running every backbone call
+# --------------------------------------------------------------------------------------------------
+
+
+class Cancelled(Exception):
+    """Raised inside a producer whose request was cancelled."""
+
+
+@dataclass
+class _Call:
+    """One backbone call of one request: feed x [1, T, D] (T may be 0 with ``load``)."""
+
+    session: _Session
+    x: Tensor
+    load: PrefixKV | None = None  # put these keys/values in the row first
+    extract: int = 0  # return a copy of the first ``extract`` positions of the row
+    fresh: bool = False  # first call of the session: the row starts empty
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Tensor | None = None
+    kv: PrefixKV | None = None
+    error: BaseException | None = None
+
+
+_SAMPLING, _SUBMITTED, _PARKED, _CLOSED = "sampling", "submitted", "parked", "closed"
+
+
+class _Session:
+    """One request's use of the worker: a cache row and the ``step`` callable handed to the LM."""
+
+    def __init__(self, worker: LMWorker, prefix: tuple[object, int] | None) -> None:
+        self.worker = worker
+        self.prefix = prefix  # (cache key, length) of a shareable input head, or None
+        self.row: int | None = None
+        self.state = _SAMPLING
+        self.cancelled = False
+        self.started = False
+        self.release_after_call = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The LM's ``step``: x [1, T, D] -> log-probs [1, V] (blocks until the worker ran it)."""
+        fresh, self.started = not self.started, True
+        if fresh and self.prefix is not None and self.worker.prompts is not None:
+            key, p = self.prefix
+            if x.shape[1] > p:
+                kv, hit = self.worker.prompts.get(
+                    key, lambda: self._submit(_Call(self, x[:, :p], extract=p, fresh=True)).kv, _kv_nbytes
+                )
+                if hit:
+                    return self._submit(_Call(self, x[:, p:], load=kv, fresh=True)).result
+                return self._submit(_Call(self, x[:, p:])).result
+        return self._submit(_Call(self, x, fresh=fresh)).result
+
+    def _submit(self, call: _Call) -> _Call:
+        w = self.worker
+        with w._cv:
+            if self.cancelled or self.row is None:
+                raise Cancelled()
+            self.state = _SUBMITTED
+            w._pending[self.row] = call
+            w._cv.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call
+
+    def park(self) -> None:
+        """The producer waits for outside input (streamed text): don't hold batches for it."""
+        with self.worker._cv:
+            if self.state == _SAMPLING:
+                self.state = _PARKED
+
+    def unpark(self) -> None:
+        with self.worker._cv:
+            if self.state == _PARKED:
+                self.state = _SAMPLING
+                self.worker._cv.notify_all()
+
+    def cancel(self, wait_s: float = 60.0) -> None:
+        """Stop the request; returns once its row is free (at most one backbone call later)."""
+        self.worker._cancel(self, wait_s)
+
+
+def _kv_nbytes(kv: PrefixKV) -> int:
+    return kv.nbytes
+
+
+class LMWorker:
+    """Runs the backbone calls of all sessions on one KV cache with a row per session.
+
+    ``max_rows``: sessions decoding at once (more wait for a free row). ``batch_wait_s``: after a step,
+    how long to wait for the other rows' next decode calls (their producers are sampling) before running
+    a smaller batch. ``threads``: torch intra-op threads of the worker thread (None: the process default).
+    """
+
+    def __init__(
+        self,
+        lm: CosyVoice2LM,
+        *,
+        max_rows: int = 8,
+        batch_wait_s: float = 0.005,
+        prompts: PromptCache | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.lm = lm
+        self.max_rows = int(max_rows)
+        self.batch_wait_s = float(batch_wait_s)
+        self.prompts = prompts
+        self.threads = threads
+        self.cache: KVCache | None = None
+        self._cv = threading.Condition()
+        self._pending: dict[int, _Call] = {}
+        self._executing: set[int] = set()
+        self._sessions: dict[int, _Session] = {}
+        self._stop = False
+        self.steps = 0  # backbone calls made (for stats)
+        self.batched_rows = 0  # rows over all batched decode calls
+        self._thread = threading.Thread(target=self._loop, name="cosyvoice2-lm", daemon=True)
+        self._thread.start()
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def session(self, prefix: tuple[object, int] | None = None) -> _Session:
+        return _Session(self, prefix)
+
+    def open(self, s: _Session) -> None:
+        """Give the session a row (blocks while all rows are taken)."""
+        with self._cv:
+            while not s.cancelled and not self._stop and len(self._sessions) >= self.max_rows:
+                self._cv.wait()
+            if self._stop:
+                raise RuntimeError("the engine was closed")
+            if s.cancelled:
+                raise Cancelled()
+            s.row = next(r for r in itertools.count() if r not in self._sessions)
+            self._sessions[s.row] = s
+            s.state = _SAMPLING
+
+    def close(self, s: _Session) -> None:
+        with self._cv:
+            s.state = _CLOSED
+            self._release(s)
+
+    def _release(self, s: _Session) -> None:
+        """Free the session's row unless the worker is running it right now (then after that call)."""
+        if s.row is None:
+            return
+        call = self._pending.get(s.row)
+        if call is not None and call.session is s:
+            del self._pending[s.row]
+            call.error = Cancelled()
+            call.done.set()
+        if s.row in self._executing:
+            s.release_after_call = True
+            return
+        if self._sessions.get(s.row) is s:
+            del self._sessions[s.row]
+        s.row = None
+        self._cv.notify_all()
+
+    def _cancel(self, s: _Session, wait_s: float) -> None:
+        with self._cv:
+            s.cancelled = True
+            self._release(s)
+            self._cv.notify_all()
+            deadline = time.monotonic() + wait_s
+            while s.row is not None and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+
+    @property
+    def active_rows(self) -> int:
+        with self._cv:
+            return len(self._sessions)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    # -- the worker thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._pending and not self._stop:
+                        if not self._sessions:
+                            self.cache = None  # idle: give the cache memory back
+                        self._cv.wait()
+                    if self._stop:
+                        for call in self._pending.values():
+                            call.error = Cancelled()
+                            call.done.set()
+                        return
+                    # Hold the batch briefly for rows whose producers are sampling their next token.
+                    deadline = time.monotonic() + self.batch_wait_s
+                    while any(s.state == _SAMPLING for s in self._sessions.values()):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                    calls = list(self._pending.values())
+                    self._pending.clear()
+                    self._executing = {c.session.row for c in calls}
+                try:
+                    self._grow_rows(max(self._executing) + 1)
+                    self._execute(calls)
+                except BaseException as e:  # noqa: BLE001 - e.g. out of memory: fail these calls only
+                    for c in calls:
+                        c.error = c.error or e
+                with self._cv:
+                    # Mark the rows as sampling before waking their producers, so the next batch waits
+                    # for each of them (a producer that wakes late must not look like an idle row).
+                    for c in calls:
+                        if c.session.state == _SUBMITTED:
+                            c.session.state = _SAMPLING
+                        c.done.set()
+                    self._executing = set()
+                    for s in list(self._sessions.values()):
+                        if s.release_after_call:
+                            s.release_after_call = False
+                            self._release(s)
+                    self._cv.notify_all()
+
+    def _grow_rows(self, rows: int) -> None:
+        """Make the cache at least ``rows`` rows (new rows empty, old rows kept)."""
+        old = self.cache
+        if old is not None and old.batch_size >= rows:
+            return
+        cap = 256 if old is None else old.capacity
+        new = self.lm.new_cache(rows, cap)
+        if old is not None:
+            b = old.batch_size
+            for store, src in ((new.keys, old.keys), (new.values, old.values)):
+                for dst, s in zip(store, src):
+                    dst[:b] = s
+            new.lengths[:b] = old.lengths
+        self.cache = new
+
+    def _execute(self, calls: list[_Call]) -> None:
+        cache = self.cache
+        decode = [c for c in calls if c.x.shape[1] == 1 and not c.fresh and c.load is None and not c.extract]
+        single = [c for c in calls if c not in decode]
+        if decode:
+            decode.sort(key=lambda c: c.session.row)
+            self._run(decode, lambda: self._decode(cache, decode))
+        for c in single:
+            self._run([c], lambda c=c: self._single(cache, c))
+        self.steps += int(bool(decode)) + len(single)
+        self.batched_rows += len(decode)
+
+    @staticmethod
+    def _run(calls: list[_Call], fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the requests; the worker lives on
+            for c in calls:
+                c.error = e
+
+    def _decode(self, cache: KVCache, calls: list[_Call]) -> None:
+        rows = [c.session.row for c in calls]
+        logp = self.lm.step(torch.cat([c.x for c in calls]), cache, rows)  # [B, V]
+        for i, c in enumerate(calls):
+            c.result = logp[i : i + 1]
+
+    def _single(self, cache: KVCache, c: _Call) -> None:
+        row = c.session.row
+        if c.fresh:
+            cache.lengths[row] = 0
+        if c.load is not None:
+            p = c.load.length
+            cache.reserve(p + c.x.shape[1])
+            for layer in range(len(cache.keys)):
+                cache.keys[layer][row, :, :p] = c.load.keys[layer]
+                cache.values[layer][row, :, :p] = c.load.values[layer]
+            cache.lengths[row] = p
+        if c.x.shape[1]:
+            c.result = self.lm.step(c.x, cache, [row])
+        if c.extract:
+            p = c.extract
+            c.kv = PrefixKV(
+                tuple(k[row, :, :p].clone() for k in cache.keys),
+                tuple(v[row, :, :p].clone() for v in cache.values),
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# LM backend for the synthesizer: producers on the worker
+# --------------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+class BatchedLM:
+    """``synthesis.LMBackend`` whose requests decode on a shared ``LMWorker``."""
+
+    def __init__(self, lm: CosyVoice2LM, worker: LMWorker, *, prefix_cache: bool) -> None:
+        self.lm = lm
+        self.worker = worker
+        self.prefix_cache = prefix_cache
+
+    def generate(self, text_ids: list[int], prompt: _Prompt, gen: torch.Generator) -> Iterator[int]:
+        prefix = None
+        if self.prefix_cache and prompt.lm_text:
+            prefix = (("lm-prefix", tuple(prompt.lm_text)), 1 + len(prompt.lm_text))  # [SOS] + prompt text
+        session = self.worker.session(prefix)
+
+        def body():
+            return self.lm.generate(text_ids, prompt.lm_text, prompt.lm_speech, generator=gen, step=session)
+
+        return self._spawn(session, body)
+
+    def generate_bistream(
+        self, chunks: Iterator[list[int]], prompt: _Prompt, gen: torch.Generator
+    ) -> Iterator[int]:
+        session = self.worker.session()
+
+        def body():
+            return self.lm.generate_bistream(
+                _parked(chunks, session), prompt.lm_text, prompt.lm_speech, generator=gen, step=session
+            )
+
+        return self._spawn(session, body)
+
+    def _spawn(self, session: _Session, body: Callable[[], Iterable[int]]) -> Iterator[int]:
+        out: queue.SimpleQueue = queue.SimpleQueue()
+
+        def produce() -> None:
+            try:
+                self.worker.open(session)
+                for tok in body():
+                    if session.cancelled:
+                        break
+                    out.put(tok)
+                out.put(_END)
+            except Cancelled:
+                out.put(_END)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
+                out.put(e)
+            finally:
+                self.worker.close(session)
+
+        threading.Thread(target=produce, name="cosyvoice2-lm-request", daemon=True).start()
+        return _TokenStream(out, session)
+
+
+class _TokenStream:
+    """The consumer's side of a producer: speech ids as they come; ``close()`` cancels the request (also
+    before the first id was read, unlike a generator's ``close``)."""
+
+    def __init__(self, out: queue.SimpleQueue, session: _Session) -> None:
+        self._out, self._session, self._done = out, session, False
+
+    def __iter__(self) -> _TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        item = self._out.get()
+        if item is _END or isinstance(item, BaseException):
+            self.close()
+            if item is _END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._done = True
+        self._session.cancel()
+
+
+def _parked(chunks: Iterable[list[int]], session: _Session) -> Iterator[list[int]]:
+    """Streamed text for a producer: while it waits for the next piece, batches don't wait for it."""
+    it = iter(chunks)
+    while True:
+        session.park()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            session.unpark()
+        if session.cancelled:
+            raise Cancelled()
+        yield item
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Serving options (all keyword arguments of ``cosyvoice2.load``).
+
+    ``max_batch``: requests decoding at once (more wait). ``flow_slots``: flow/vocoder calls at once.
+    ``prompt_cache_mb``: budget of the prompt cache (a full-size 3 s voice holds ~700 MB of flow state in
+    float32, half with ``flow_cache_dtype=torch.float16``). ``lm_prefix_cache``: reuse the LM keys of
+    ``[SOS] + prompt text``. ``static_chunks``: fast streaming intersects its block-causal attention with
+    the official 25-token chunk masks.
+    ``lm_threads``: torch intra-op threads of the LM thread (None: the process default). Flow and vocoder
+    calls use the caller's thread's default, always the same, so a seed gives the same audio however
+    many requests run at once (the thread count changes float rounding). Measured on 2 cores: the LM
+    and a flow call running side by side with 2 threads each cost less than running them one after the
+    other; mixing 2 + 1 threads on 2 cores was 3x slower (spinning OpenMP workers), see bench/README.md.
+    """
+
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    flow_slots: int = 1
+    prompt_cache_mb: float = 2048.0
+    lm_prefix_cache: bool = True
+    flow_cache_dtype: torch.dtype = torch.float32
+    static_chunks: bool = False
+    lm_threads: int | None = None
+
+
+class Engine:
+    """Serves any number of concurrent requests on one ``Models``; see the module docstring."""
+
+    def __init__(self, models, options: EngineOptions | None = None) -> None:
+        self.models = models
+        self.options = opts = options or EngineOptions()
+        self.prompts = PromptCache(int(opts.prompt_cache_mb * 2**20))
+        self._slots = threading.BoundedSemaphore(max(1, int(opts.flow_slots)))
+        self.worker: LMWorker | None = None
+        lm_backend = None
+        if models.lm is not None:
+            self.worker = LMWorker(
+                models.lm,
+                max_rows=opts.max_batch,
+                batch_wait_s=opts.batch_wait_ms / 1000,
+                prompts=self.prompts,
+                threads=opts.lm_threads,
+            )
+            lm_backend = BatchedLM(models.lm, self.worker, prefix_cache=opts.lm_prefix_cache)
+        self.synth = Synthesizer(
+            models,
+            lm=lm_backend,
+            flow_start=self._flow_start,
+            compute=lambda: self._slots,
+            flow_cache_dtype=opts.flow_cache_dtype,
+            static_chunks=opts.static_chunks,
+        )
+
+    def run(self, req: Request) -> Iterator[Tensor]:
+        """Audio chunks of one request (float32 [n]); close the iterator to cancel it."""
+        return self.synth.run(req)
+
+    def _flow_start(self, prompt: _Prompt, compute: Callable[[], object]) -> tuple[object, bool]:
+        o = self.options
+        key = ("flow", prompt.flow_key(), str(o.flow_cache_dtype), o.static_chunks)
+        return self.prompts.get(key, compute, lambda state: state.nbytes)
+
+    def warm_voice(self, req: Request) -> None:
+        """Precompute the prompt cache entries of a request's voice (e.g. when a voice is saved)."""
+        prompt = self.synth._prompt(req)
+        self.synth.flow_stream_start(prompt)
+
+    def stats(self) -> dict:
+        w = self.worker
+        return {
+            "active_rows": 0 if w is None else w.active_rows,
+            "lm_steps": 0 if w is None else w.steps,
+            "lm_batched_rows": 0 if w is None else w.batched_rows,
+            "prompt_cache_entries": len(self.prompts),
+            "prompt_cache_bytes": self.prompts.nbytes,
+            "prompt_cache_hits": self.prompts.hits,
+            "prompt_cache_misses": self.prompts.misses,
+        }
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Opt-in CPU speed: int8 flow estimator
+# --------------------------------------------------------------------------------------------------
+
+
+def quantize_flow_int8(flow: nn.Module) -> nn.Module:
+    """Swap the flow estimator's transformer Linears (q, k, v, out, feed-forward) for int8 dynamic ones.
+
+    Those Linears are ~85 % of the estimator's multiply-adds, and the estimator runs 10 ODE steps x 2 CFG
+    rows per frame, so it dominates synthesis time on CPU. Opt-in: the mel moves (see bench/README.md).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in flow.estimator.modules():
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and name in ("to_q", "to_k", "to_v", "to_out", "fc1", "fc2"):
+                    setattr(module, name, Int8DynamicLinear(child))
+    return flow
