@@ -229,13 +229,17 @@ def _no_cache(prompt: _Prompt, compute: Callable[[], object]) -> tuple[object, b
     return compute(), False
 
 
+def _no_guard(first: bool = False) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class Synthesizer:
     """Runs requests against one set of loaded models (see ``cosyvoice2.api.load``).
 
     ``lm``: token source (default ``DirectLM``). ``flow_start``: ``(prompt, compute) -> (state, hit)``,
-    e.g. a prompt cache (default: compute every time). ``compute``: a context-manager factory entered
-    around every flow/vocoder call (default: none). ``flow_cache_dtype`` / ``static_chunks``: fast-stream
-    flow state options (see ``Flow.stream_start``).
+    e.g. a prompt cache (default: compute every time). ``compute(first)``: a context-manager factory
+    entered around every flow/vocoder call, ``first`` for a stream's first chunk (default: none).
+    ``flow_cache_dtype`` / ``static_chunks``: fast-stream flow state options (see ``Flow.stream_start``).
     """
 
     def __init__(
@@ -244,14 +248,14 @@ class Synthesizer:
         *,
         lm: LMBackend | None = None,
         flow_start: FlowStartFn | None = None,
-        compute: Callable[[], contextlib.AbstractContextManager] | None = None,
+        compute: Callable[..., contextlib.AbstractContextManager] | None = None,
         flow_cache_dtype: torch.dtype = torch.float32,
         static_chunks: bool = False,
     ) -> None:
         self.models = models
         self.lm = lm or DirectLM(models)
         self.flow_start = flow_start or _no_cache
-        self.compute = compute or contextlib.nullcontext
+        self.compute = compute or _no_guard
         self.flow_cache_dtype = flow_cache_dtype
         self.static_chunks = static_chunks
 
@@ -362,7 +366,7 @@ class Synthesizer:
             have.append(tok)
             this_hop = hop + pad if offset == 0 else hop
             if len(have) - offset >= this_hop + look:
-                with self.compute():
+                with self.compute(first=offset == 0):
                     t0 = time.perf_counter()
                     mel = self.models.flow_inference(
                         have[: offset + this_hop + look], prompt, streaming=True, finalize=False
@@ -437,7 +441,7 @@ class Synthesizer:
         def chunk(new: list[int], ahead: list[int], final: bool):
             nonlocal fstate, vstate
             before = fstate.n_tokens
-            with self.compute():
+            with self.compute(first=vstate.mel is None and not final):
                 t0 = time.perf_counter()
                 mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=final)
                 t1 = time.perf_counter()
