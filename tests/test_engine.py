@@ -124,6 +124,23 @@ def test_cancel_frees_row_at_once(tts, voice):
     np.testing.assert_array_equal(_stream(tts, voice, 0), _stream(tts, voice, 0))
 
 
+def test_hold_pauses_backbone_calls(tts, voice):
+    """A stream's first flow chunk holds the LM thread (the cores are shared); tokens resume after."""
+    w = tts.engine.worker
+    prompt = tts.synth._prompt(tts.request(TEXTS[1], voice=voice))
+    ids = tts.models.frontend.encode(TEXTS[1])
+    with w.hold():
+        tokens = tts.synth.lm.generate(ids, prompt, new_generator(0))
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(tokens))
+        reader.start()
+        time.sleep(0.3)
+        assert got == []  # nothing decoded while held
+    reader.join(30)
+    plain = list(tts.models.lm_generate(ids, prompt.lm_text, prompt.lm_speech, new_generator(0)))
+    assert got == plain
+
+
 def test_astream_async_text_equals_sync(tts, voice):
     pieces = ["Hello there, ", "how are ", "you doing ", "today?"]
     want = np.concatenate(list(tts.stream(iter(pieces), voice=voice, seed=4)))
