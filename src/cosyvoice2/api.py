@@ -329,12 +329,14 @@ def load(
     """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model.
 
     Opt-in CPU speed (the defaults keep official parity): ``lm_quant="int8"`` stores the LM backbone's
-    Linear weights in int8 (activations quantised per call; ~4x less memory traffic per decode step, the
-    sampled tokens can differ); ``flow_quant="int8"`` does the same for the flow estimator's transformer
-    Linears. ``flow_steps`` (official: 10) sets the number of Euler steps of the flow's ODE: flow time is
-    proportional to it (the flow dominates CPU time), at a cost in quality that random-weight benchmarks
-    cannot show: check it on real weights before using it. ``engine_options`` are the fields of
-    ``cosyvoice2.engine.EngineOptions`` (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
+    Linear weights in int8 (~4x less memory traffic per decode step; the sampled tokens can differ from
+    fp32, and since activations are quantised per backbone call, with one scale for all the rows decoded
+    together, a request's tokens also depend on which requests share its decode steps);
+    ``flow_quant="int8"`` does the same for the flow estimator's transformer Linears. ``flow_steps``
+    (official: 10) sets the number of Euler steps of the flow's ODE: flow time is proportional to it (the
+    flow dominates CPU time), at a cost in quality that random-weight benchmarks cannot show: check it on
+    real weights before using it. ``engine_options`` are the fields of ``cosyvoice2.engine.EngineOptions``
+    (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
     """
     if path is None:
         from .default_model import default_model_dir
