@@ -12,7 +12,9 @@
 #   7  export the native model directory into src/cosyvoice2/assets/default_model
 #
 # Usage: recipes/default_model.sh [--stage N] [--stop_stage M] [--nproc P] [--hours H] [--exp DIR]
-#                                 [--corpus DIR] [--out DIR] [--device cuda|cpu|auto] [--speakers N|a,b]
+#                                 [--corpus DIR] [--out DIR] [--device cuda|cpu|auto] [--speakers N|a,b|all]
+#                                 [--default-speaker NAME]
+#                                 [--conf DIR]   (recipe tables: conf/ for GPUs, conf_cpu/ for a 2-core CPU budget)
 # Per-stage overrides go through environment variables holding extra "--set section.key=value" flags:
 #   TOKENIZER_ARGS, LM_ARGS, FLOW_ARGS, HIFT_ARGS    e.g. LM_ARGS="--set train.max_steps=500"
 # With GPUs every trainer runs under torchrun with one process per GPU (nccl, bf16 autocast); on CPU a
@@ -27,7 +29,8 @@ exp=exp/default_model
 corpus=data/corpus
 out=src/cosyvoice2/assets/default_model
 device=auto
-speakers=4
+speakers=all
+default_speaker=km_kumo
 conf=$(cd "$(dirname "$0")" && pwd)/conf
 python=${PYTHON:-python}
 
@@ -42,6 +45,8 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
     --speakers) speakers=$2; shift 2 ;;
+    --default-speaker) default_speaker=$2; shift 2 ;;
+    --conf) conf=$(cd "$2" && pwd); shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -120,6 +125,6 @@ fi
 if run_stage 7; then
   echo "stage 7: export -> $out"
   $python -m cosyvoice2.train.export --runs "$exp" --corpus "$corpus" --cache "$cache" --speakers "$speakers" \
-    --out "$out"
+    --default-speaker "$default_speaker" --out "$out"
   $python -c "import cosyvoice2, sys; tts = cosyvoice2.load(sys.argv[1]); print('speakers:', tts.speakers())" "$out"
 fi

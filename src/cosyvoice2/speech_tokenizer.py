@@ -110,12 +110,26 @@ class FSQ(nn.Module):
         super().__init__()
         self.dim, self.levels, self.half = dim, levels, (levels - 1) // 2
         self.register_buffer("radix", levels ** torch.arange(dim), persistent=False)
+        # Training only (set by cosyvoice2.train.tokenizer): the probability that a training batch replaces
+        # the rounding by uniform noise of the same width (noise substitution), so the ASR head also sees
+        # the values' continuous part while it learns to use them.
+        self.noise_prob = 0.0
+
+    def bound(self, z: Tensor) -> Tensor:
+        """z [..., Q] -> h * tanh(z), in (-h, h)."""
+        return self.half * torch.tanh(z)
+
+    def round(self, bounded: Tensor) -> tuple[Tensor, Tensor]:
+        """bounded [..., Q] -> (values [..., Q] in {-h..h}, straight-through gradient; codes [...])."""
+        q = bounded + (torch.round(bounded) - bounded).detach()
+        codes = self.codes(q)
+        if self.training and self.noise_prob > 0 and float(torch.rand(())) < self.noise_prob:
+            q = bounded + torch.rand_like(bounded) - 0.5
+        return q, codes
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z [..., Q] -> (values [..., Q] in {-h..h}, straight-through gradient; codes [...])."""
-        bounded = self.half * torch.tanh(z)
-        q = bounded + (torch.round(bounded) - bounded).detach()
-        return q, self.codes(q)
+        return self.round(self.bound(z))
 
     def codes(self, q: Tensor) -> Tensor:
         return ((torch.round(q).long() + self.half) * self.radix).sum(-1)
@@ -159,6 +173,12 @@ class SpeechTokenizerModel(nn.Module):
 
         N = F // 4; padded positions (beyond each row's length) hold garbage codes.
         """
+        bounded, lens = self.encode(feats, feat_lens)
+        q, codes = self.fsq.round(bounded)
+        return q, codes, lens
+
+    def encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """feats [B, M, F], feat_lens [B] -> (bounded values before rounding [B, N, Q], lengths [B])."""
         h = F.gelu(self.conv2(F.gelu(self.conv1(feats))))  # [B, D, ceil(F/4)]
         n = feats.shape[-1] // self.cfg.downsample
         h = h[:, :, :n].transpose(1, 2)  # [B, N, D]
@@ -168,8 +188,7 @@ class SpeechTokenizerModel(nn.Module):
         key_valid = None if bool(valid.all()) else valid
         for block in self.blocks:
             h = block(h, key_valid)
-        q, codes = self.fsq(self.down(self.norm(h)))
-        return q, codes, lens
+        return self.fsq.bound(self.down(self.norm(h))), lens
 
     @torch.inference_mode()
     def tokens(self, wav16k: Tensor) -> Tensor:

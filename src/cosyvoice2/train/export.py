@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-tokenizer", help="BPE directory (default RUNS/lm/text_tokenizer)")
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--cache", type=Path, default=Path("exp/cache"))
-    ap.add_argument("--speakers", default="4", help="number of built-in voices, or comma-separated names")
+    ap.add_argument(
+        "--speakers", default="4", help="number of built-in voices, comma-separated names, or 'all'"
+    )
+    ap.add_argument("--default-speaker", help="the voice used when none is given (default: the first)")
     ap.add_argument("--prompt-seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -128,7 +131,14 @@ def main(argv: list[str] | None = None) -> None:
                 else args.runs / sub
             )
         nets[kind] = network_from_run(kind, given)
-    chosen = int(args.speakers) if args.speakers.isdigit() else [s for s in args.speakers.split(",") if s]
+    if args.speakers == "all":
+        from .data import read_manifest
+
+        chosen = sorted({u.speaker for u in read_manifest(args.corpus, ("train",), 1.0, 15.0)})
+    elif args.speakers.isdigit():
+        chosen = int(args.speakers)
+    else:
+        chosen = [s for s in args.speakers.split(",") if s]
     voices = speaker_prompts(
         args.corpus, args.cache, nets["speech_tokenizer"].tokens, chosen, args.prompt_seconds
     )
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         **nets,
         text_tokenizer_dir=args.text_tokenizer or args.runs / "lm" / "text_tokenizer",
         speakers=voices,
+        default_speaker=args.default_speaker,
         info=info,
     )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -54,6 +54,13 @@ class AsrConfig:
     freq_mask_width: int = 16
     time_masks: int = 2
     time_mask_width: int = 40  # feature frames (100 Hz)
+    fsq_noise_prob: float = 0.5  # batches that train through uniform noise instead of rounding (see FSQ)
+    # Early in CTC training the head predicts blanks whatever it is fed; the encoder then drifts to values
+    # that all round to one code, and straight-through rounding of a constant gives the head nothing to
+    # learn from (measured: 1-3 codes in use after 200 steps). A hinge on each FSQ dimension's variance
+    # over the batch's frames keeps the values spread across the levels; it is zero once they are.
+    spread_min: float = 0.3
+    spread_weight: float = 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,9 +70,30 @@ class AsrConfig:
 _DROP = re.compile(r"[^\w' ]+")
 
 
+_CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def _pinyin(text: str) -> str:
+    """Chinese characters -> tone-numbered pinyin syllables ("ni3 hao3"); other text is kept as it is.
+
+    Thousands of hanzi, most seen a handful of times in a small corpus, make a poor CTC target; pinyin
+    letters with tone digits are a ~40-symbol alphabet that makes the codes carry pronunciation and tone,
+    which is what the LM and flow need. Without pypinyin (the ``data`` extra) the characters are used.
+    """
+    try:
+        from pypinyin import Style, lazy_pinyin
+    except ImportError:
+        return text
+    return " ".join(lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True, errors="default"))
+
+
 def asr_text(text: str) -> str:
-    """Transcript -> the characters the ASR head predicts: NFKC, lower case, no punctuation, single spaces."""
-    t = _DROP.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    """Transcript -> the characters the ASR head predicts: NFKC, lower case, no punctuation, single spaces,
+    Chinese as pinyin letters and tone digits."""
+    t = unicodedata.normalize("NFKC", text).lower()
+    if _CJK.search(t):
+        t = _pinyin(t)
+    t = _DROP.sub(" ", t)
     return " ".join(t.split())
 
 
@@ -129,13 +157,15 @@ class TokenizerObjective(nn.Module):
         super().__init__()
         self.asr_cfg = asr
         self.net = SpeechTokenizerModel(cfg)
+        self.net.fsq.noise_prob = asr.fsq_noise_prob
         self.asr = AsrHead(cfg, asr, vocab_size)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         feats, feat_lens = batch["feats"], batch["feat_lens"]
         if self.training:
             feats = spec_augment(feats, feat_lens, self.asr_cfg)
-        q, codes, lens = self.net(feats, feat_lens)
+        bounded, lens = self.net.encode(feats, feat_lens)
+        q, codes = self.net.fsq.round(bounded)
         logp = self.asr(q, lens).float().log_softmax(-1)  # [B, N, V]
         loss = F.ctc_loss(
             logp.transpose(0, 1),
@@ -147,10 +177,18 @@ class TokenizerObjective(nn.Module):
             zero_infinity=True,
         )
         valid = torch.arange(codes.shape[1], device=codes.device)[None] < lens[:, None]
+        spread = bounded[valid].float().var(0)  # [Q]
+        spread_loss = F.relu(self.asr_cfg.spread_min - spread).mean()
         hist = torch.bincount(codes[valid], minlength=self.net.cfg.codebook_size).float()
         p = hist / hist.sum().clamp(min=1)
         perplexity = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
-        return {"loss": loss, "codes_used": (hist > 0).sum(), "code_perplexity": perplexity}
+        return {
+            "loss": loss + self.asr_cfg.spread_weight * spread_loss,
+            "ctc": loss.detach(),
+            "spread": spread.mean().detach(),
+            "codes_used": (hist > 0).sum(),
+            "code_perplexity": perplexity,
+        }
 
 
 # --------------------------------------------------------------------------------------------------
