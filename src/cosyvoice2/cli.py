@@ -124,6 +124,44 @@ def cmd_speakers(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluate as ev
+
+    languages = ev.parse_languages(args.languages)
+    if args.max_sentences < 1:
+        raise CosyVoiceError("--max-sentences must be at least 1")
+    corpus = ev.read_manifest(args.corpus)
+    prompts = ev.read_manifest(args.prompts) if args.prompts else None
+    asr = ev.WhisperASR(en_model=args.asr_en, threads=args.threads, compute_type=args.asr_compute)
+    similarity = ev.SpeakerSimilarity.load(args.speaker_encoder)
+    tts = _load(args)
+    options = {"int8": args.int8, "flow_steps": args.flow_steps, "threads": args.threads}
+    header = {
+        "model": ev.model_info(tts, args.model, options),
+        "corpus": {"path": str(Path(args.corpus).resolve()), "utterances": len(corpus)},
+        "prompts": str(Path(args.prompts).resolve()) if args.prompts else "corpus:test_unseen_speaker",
+    }
+    report = ev.evaluate(
+        tts,
+        corpus,
+        asr=asr,
+        similarity=similarity,
+        languages=languages,
+        max_sentences=args.max_sentences,
+        voices=args.voices,
+        prompts=prompts,
+        stream=args.stream,
+        seed=args.seed,
+        progress=not args.quiet,
+        header=header,
+    )
+    path = ev.write_report(args.output, report)
+    if not args.quiet:
+        print(ev.format_summary(report))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
@@ -182,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-active", type=int, default=2, help="concurrent requests; more get 429")
     p.add_argument("--cors-origin", action="append", help="allow a browser origin (repeatable)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "eval",
+        help="WER/CER (Whisper) and speaker similarity on held-out corpus sentences, as a JSON report",
+        description="Synthesise held-out sentences of a corpus with built-in voices and zero-shot from "
+        "held-out speakers' prompts, score them with Whisper (faster-whisper) and Resemblyzer beside the "
+        "corpus's own audio (the teacher), and write a JSON report. Needs the eval extra: "
+        'pip install "cosyvoice2[eval]". See cosyvoice2/evaluate.py for the report format.',
+    )
+    p.add_argument("--corpus", required=True, help="corpus folder with manifest.jsonl (or the manifest)")
+    p.add_argument("-o", "--output", "--out", default="eval.json", help="report file (default: eval.json)")
+    p.add_argument("--max-sentences", type=int, default=20, help="held-out sentences per language (20)")
+    p.add_argument("--languages", default="en,zh", help="comma-separated: en, zh (default: en,zh)")
+    p.add_argument("--voices", type=int, default=None, help="use the first N built-in voices (default: all)")
+    p.add_argument(
+        "--prompts", help="manifest of zero-shot prompts (default: the corpus's held-out speakers)"
+    )
+    p.add_argument("--stream", action="store_true", help="also score streaming synthesis (doubles the time)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--speaker-encoder",
+        help="Resemblyzer wheel, its pretrained.pt or a converted .safetensors (default: fetched once)",
+    )
+    p.add_argument("--asr-en", choices=("tiny.en", "base"), default="tiny.en", help="Whisper for English")
+    p.add_argument("--asr-compute", choices=("float32", "int8"), default="float32", help="Whisper precision")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("speakers", help="list built-in speakers")
     _add_model_args(p)

