@@ -19,6 +19,11 @@ Each variant runs in its own process (so peak RSS is per variant): ``fp32`` (def
 work, a quality trade-off these random weights cannot measure) and ``int8-quality`` (fp32 vs int8 outputs
 on the same random weights: LM next-token distributions, flow mel). Timings are wall-clock medians; the
 machine may be shared, so ``load_before``/``load_after`` (1-minute load average) are recorded with them.
+
+The concurrency section runs 4 streams with the engine's flow batcher (the default) and again with
+``flow_batch=False``. ``flow-batch`` (not in the default list: ``--variants flow-batch``) measures the
+batcher's core alone on the full-size flow: ODE steps of 4 streams' blocks one call per block vs one
+call for all, in wall and process CPU seconds (CPU seconds stay meaningful on a shared machine).
 """
 
 from __future__ import annotations
@@ -239,9 +244,50 @@ def int8_quality(models) -> dict:
     }
 
 
+def flow_batch_gain(streams: int = 4, tokens: int = 25, steps: int = 3) -> dict:
+    """ODE steps of ``streams`` fast-stream blocks (``tokens`` each, after a 3 s voice prompt), full-size
+    random flow: one estimator call per block (as without the batcher) vs one call for all (the batcher).
+
+    Only ``steps`` of the 10 ODE steps are timed (every step costs the same). Returns wall and process CPU
+    seconds per step, and the largest mel difference of the batched blocks from their lone runs.
+    """
+    from cosyvoice2.flow import Flow, FlowConfig
+
+    torch.manual_seed(0)
+    flow = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+    v = random_voice()
+    state = flow.stream_start(v.speech_tokens[None], v.mel[None], v.embedding[None])
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 6561, (1, tokens + 3), generator=g) for _ in range(streams)]
+
+    def blocks():
+        return [flow.stream_prepare(state, t[:, :tokens], t[:, tokens:], final=False) for t in ids]
+
+    def timed(fn) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return (time.perf_counter() - w) / steps, (time.process_time() - c) / steps
+
+    lone, batched = blocks(), blocks()
+    one = timed(lambda: [flow.euler_step([b]) for _ in range(steps) for b in lone])
+    together = timed(lambda: [flow.euler_step(batched) for _ in range(steps)])
+    diff = max(float((a.ode.x - b.ode.x).abs().max()) for a, b in zip(lone, batched))
+    return {
+        "streams": streams,
+        "frames_per_block": lone[0].frames,
+        "context_frames": 2 * state.n_tokens,
+        "per_step_one_call_per_block": {"wall_s": round(one[0], 3), "cpu_s": round(one[1], 3)},
+        "per_step_one_call_for_all": {"wall_s": round(together[0], 3), "cpu_s": round(together[1], 3)},
+        "cpu_speedup": round(one[1] / together[1], 2),
+        "mel_max_abs_diff_batched_vs_lone": diff,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def run_variant(variant: str, quick: bool) -> dict:
     import cosyvoice2
     from cosyvoice2.api import CosyVoice2, speed_up
+    from cosyvoice2.engine import EngineOptions
     from cosyvoice2.errors import ModelLoadError
 
     out: dict = {"variant": variant}
@@ -255,6 +301,8 @@ def run_variant(variant: str, quick: bool) -> dict:
         texts = ["Hello, this is a quick test of the default voice.", "The weather is lovely today."]
         long_text = "Streaming speech synthesis turns text into audio while the text is still arriving."
     else:
+        if variant == "flow-batch":
+            return out | {"flow_batch": flow_batch_gain()}
         models = random_full_size()
         if variant == "int8-quality":
             return out | {"int8_quality": int8_quality(models)}
@@ -291,13 +339,24 @@ def run_variant(variant: str, quick: bool) -> dict:
     out["synthesize_official_offline"] = synthesize_once(tts, long_text, voice, 1)
     out["synthesize_fast_saved_voice"] = synthesize_once(tts, long_text, voice, 1, schedule="fast")
 
-    # Concurrency: the same kind of streams, 1 at a time vs 4 at once.
+    # Concurrency: the same kind of streams, 1 at a time vs 4 at once; 4 at once again without the flow
+    # batcher (a second engine on the same models, its voice state computed before the run).
     texts4 = [texts[i % 2] for i in range(4)]
     c1 = concurrent_streams(tts, texts4[:1], voice)
     c4 = concurrent_streams(tts, texts4, voice)
     ratio = round(c4["audio_s_per_s"] / c1["audio_s_per_s"], 2)
-    out["concurrency"] = {"c1": c1, "c4": c4, "c4_over_c1": ratio}
     out["engine"] = tts.engine.stats()
+    plain = CosyVoice2(tts.models, EngineOptions(flow_batch=False))
+    plain.engine.warm_voice(plain.request(texts4[0], voice=voice))
+    c4_plain = concurrent_streams(plain, texts4, voice)
+    plain.close()
+    out["concurrency"] = {
+        "c1": c1,
+        "c4": c4,
+        "c4_over_c1": ratio,
+        "c4_flow_batch_off": c4_plain,
+        "c4_batched_over_unbatched": round(c4["audio_s_per_s"] / c4_plain["audio_s_per_s"], 2),
+    }
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     tts.close()
     return out

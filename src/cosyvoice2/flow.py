@@ -26,6 +26,11 @@ Two ways to run it:
   chunk's output never changes afterwards. With ``static_chunks=True`` the official chunk masks are
   intersected with that, and a schedule aligned to the official chunks reproduces the official
   streaming output.
+  ``stream_step`` = ``stream_prepare`` (checks, encoder) + ``euler_step`` until the block is done +
+  ``stream_finish``. ``euler_step`` takes the blocks of several streams (each at its own ODE step) and
+  runs them as one estimator call: CFG pairs stacked and right-padded to the longest block [2R, M, n],
+  the padding masked, each stream attending to its own keys (``BatchWalk``). The engine's flow batcher
+  uses it; one block alone is exactly the unbatched computation.
 
 Memory of a stream (what ``FlowStream`` keeps per frame of prompt + generated speech): the estimator
 caches K and V of every transformer block for every ODE step and both CFG rows, i.e.
@@ -275,6 +280,65 @@ class CacheWalk:
         assert self.new is not None
         return tuple(self.new)
 
+    # The two estimator operations that read a stream's past. ``BatchWalk`` implements the same two over
+    # several streams at once, so the estimator's layers work unchanged on one stream or a batch.
+
+    def conv_context(self, x: Tensor, k: int) -> Tensor:
+        """[B, C, k + T]: the previous call's last k frames (zeros at the start), then x [B, C, T]; the
+        last k frames of the result are kept for the next call."""
+        h = _left_context(self.take(), x, k)
+        self.keep(_tail(h, k))
+        return h
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """Streaming estimator attention of a block: q, k, v [B, H, n, hd] (the block's own) -> [B, H, n, hd]
+        over the cached keys and the block's; allowed [B|1, 1, n, S]."""
+        return _cached_attention(self, q, k, v, allowed)
+
+
+class BatchWalk:
+    """One estimator call over the blocks of several streams (``Flow.euler_step``).
+
+    Rows [2i, 2i + 2) of the batch (a CFG pair) are stream i, whose block has ``lengths[i]`` frames; the
+    frames after that are padding (the estimator's ``mask`` zeroes them before every conv; the convs are
+    causal and attention is per stream, so padding never reaches a real frame). Each stream keeps its own
+    ``CacheWalk`` (its own keys/values, conv contexts, tail buffers) and its own attention mask
+    ``allowed[i]`` ([1, 1, n_i, S_i] or None); only the row-wise work (projections, feed-forward, convs,
+    norms) is shared between streams.
+    """
+
+    streaming = True
+
+    def __init__(
+        self, walks: Sequence[CacheWalk], lengths: Sequence[int], allowed: Sequence[Tensor | None]
+    ) -> None:
+        self.walks, self.lengths, self.allowed = list(walks), list(lengths), list(allowed)
+
+    def _rows(self, i: int) -> slice:
+        return slice(_CFG_BATCH * i, _CFG_BATCH * (i + 1))
+
+    def conv_context(self, x: Tensor, k: int) -> Tensor:
+        """x [2R, C, T] -> [2R, C, k + T]; each stream keeps the last k frames of its own block."""
+        left = [w.take() for w in self.walks]
+        zeros = x.new_zeros(_CFG_BATCH, x.shape[1], k)
+        h = torch.cat([torch.cat([zeros if c is None else c.to(x.dtype) for c in left]), x], dim=-1)
+        for i, (w, n) in enumerate(zip(self.walks, self.lengths)):
+            # Stream i's frames end at k + n: its last k (context included, for a block shorter than k).
+            w.keep(h[self._rows(i), :, n : n + k].clone(memory_format=torch.contiguous_format))
+        return h
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """q, k, v [2R, H, T, hd] -> [2R, H, T, hd]: each stream's real frames over its own keys (padded
+        query rows stay zero); ``allowed`` is unused (per-stream masks are in ``self.allowed``)."""
+        y = q.new_zeros(q.shape)
+        for i, (w, n, mask) in enumerate(zip(self.walks, self.lengths, self.allowed)):
+            r = self._rows(i)
+            y[r, :, :n] = w.attend(q[r, :, :n], k[r, :, :n], v[r, :, :n], mask)
+        return y
+
+
+Walk = CacheWalk | BatchWalk  # what the estimator's layers read their streaming state through
+
 
 def _tail(x: Tensor, k: int) -> Tensor:
     """Last k frames of [B, C, T] as a compact copy (a view would keep the whole block alive)."""
@@ -348,6 +412,34 @@ def _attend(q: Tensor, keys: list[Tensor], values: list[Tensor], allowed: Tensor
         out = part if out is None else out + part
         start += v.shape[2]
     return out
+
+
+def _cached_attention(cache: CacheWalk, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+    """The streaming path of ``Attention``: q, k, v [B, H, n, hd] of the block -> [B, H, n, hd].
+
+    Takes the stream's (key head, key tail, value head, value tail) and the tails' buffers from ``cache``,
+    appends the block's keys/values (or, with ``cache.share``, folds everything into a new shared head)
+    and keeps the result for the next call.
+    """
+    b, h, _, hd = k.shape
+    k_head, k_tail, v_head, v_tail = cache.take(), cache.take(), cache.take(), cache.take()
+    k_buf, v_buf = cache.take_buffer(), cache.take_buffer()
+    dtype = cache.kv_dtype or k.dtype
+    segments, buffers = [], []  # [[key head, key tail], [value head, value tail]], their buffers
+    for head, tail, buf, new in ((k_head, k_tail, k_buf, k), (v_head, v_tail, v_buf, v)):
+        new = new.to(dtype)
+        empty = new.new_empty(b, h, 0, hd)  # not a view: it must not pin `new`
+        if cache.share:  # everything so far becomes the shared read-only head
+            parts = [t for t in (head, tail) if t is not None and t.shape[2]] + [new]
+            head, tail, buf = torch.cat(parts, 2) if len(parts) > 1 else new.contiguous(), empty, None
+        else:
+            head = empty if head is None else head
+            tail, buf = _append_tail(tail, buf, new)
+        cache.keep(head), cache.keep(tail)
+        segments.append([head, tail])
+        buffers.append(buf)
+    cache.keep_buffer(buffers[0]), cache.keep_buffer(buffers[1])
+    return _attend(q, segments[0], segments[1], allowed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,11 +661,8 @@ class TokenEncoder(nn.Module):
 class CausalConv1d(nn.Conv1d):
     """Conv1d that sees only the past: kernel-1 frames of left context (zeros, or the previous call's end)."""
 
-    def forward(self, x: Tensor, cache: CacheWalk) -> Tensor:  # type: ignore[override]
-        k = self.kernel_size[0] - 1
-        h = _left_context(cache.take(), x, k)
-        cache.keep(_tail(h, k))
-        return super().forward(h)
+    def forward(self, x: Tensor, cache: Walk) -> Tensor:  # type: ignore[override]
+        return super().forward(cache.conv_context(x, self.kernel_size[0] - 1))
 
 
 class CausalBlock(nn.Module):
@@ -584,7 +673,7 @@ class CausalBlock(nn.Module):
         self.conv = CausalConv1d(c_in, c_out, _CONV_KERNEL)
         self.norm = nn.LayerNorm(c_out)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: CacheWalk) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, cache: Walk) -> Tensor:
         h = self.conv(x * mask, cache)
         return F.mish(self.norm(h.transpose(1, 2)).transpose(1, 2)) * mask
 
@@ -599,7 +688,7 @@ class ResnetBlock(nn.Module):
         self.time_proj = nn.Linear(time_dim, c_out)
         self.res_conv = nn.Conv1d(c_in, c_out, 1)
 
-    def forward(self, x: Tensor, mask: Tensor, temb: Tensor, cache: CacheWalk) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, temb: Tensor, cache: Walk) -> Tensor:
         """x [B, Cin, n], mask [B, 1, n], temb [B, time_dim] -> [B, Cout, n]."""
         h = self.block1(x, mask, cache) + self.time_proj(F.mish(temb))[:, :, None]
         return self.block2(h, mask, cache) + self.res_conv(x * mask)
@@ -621,7 +710,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: Walk) -> Tensor:
         """x [B, n, C] -> [B, n, C]; allowed [B|1, 1, n, S]."""
         b, n, _ = x.shape
         q, k, v = (
@@ -629,28 +718,11 @@ class Attention(nn.Module):
         )
         # The official additive bias (1 - mask) * -1e10 and a boolean mask give the same softmax as long
         # as every query sees at least one key, which both masks guarantee.
-        if not cache.streaming:
+        if cache.streaming:
+            y = cache.attend(q, k, v, allowed)
+        else:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-            return self.to_out(y.transpose(1, 2).reshape(b, n, self.h * self.hd))
-        k_head, k_tail, v_head, v_tail = cache.take(), cache.take(), cache.take(), cache.take()
-        k_buf, v_buf = cache.take_buffer(), cache.take_buffer()
-        dtype = cache.kv_dtype or k.dtype
-        segments, buffers = [], []  # [[key head, key tail], [value head, value tail]], their buffers
-        for head, tail, buf, new in ((k_head, k_tail, k_buf, k), (v_head, v_tail, v_buf, v)):
-            new = new.to(dtype)
-            empty = new.new_empty(b, self.h, 0, self.hd)  # not a view: it must not pin `new`
-            if cache.share:  # everything so far becomes the shared read-only head
-                parts = [t for t in (head, tail) if t is not None and t.shape[2]] + [new]
-                head, tail, buf = torch.cat(parts, 2) if len(parts) > 1 else new.contiguous(), empty, None
-            else:
-                head = empty if head is None else head
-                tail, buf = _append_tail(tail, buf, new)
-            cache.keep(head), cache.keep(tail)
-            segments.append([head, tail])
-            buffers.append(buf)
-        cache.keep_buffer(buffers[0]), cache.keep_buffer(buffers[1])
-        y = _attend(q, segments[0], segments[1], allowed)
         return self.to_out(y.transpose(1, 2).reshape(b, n, self.h * self.hd))
 
 
@@ -665,7 +737,7 @@ class TransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(c)
         self.ff = FeedForward(c, 4 * c, nn.GELU(), cfg.dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor | None, cache: CacheWalk) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: Walk) -> Tensor:
         x = x + self.attn(self.attn_norm(x), allowed, cache)
         return x + self.ff(self.ff_norm(x))
 
@@ -680,7 +752,7 @@ class Stage(nn.Module):
         self.conv = CausalConv1d(cfg.channels, cfg.channels, _CONV_KERNEL) if conv else None
 
     def forward(
-        self, x: Tensor, mask: Tensor, temb: Tensor, allowed: Tensor | None, cache: CacheWalk
+        self, x: Tensor, mask: Tensor, temb: Tensor, allowed: Tensor | None, cache: Walk
     ) -> tuple[Tensor, Tensor]:
         h = self.resnet(x, mask, temb, cache).transpose(1, 2)  # [B, n, C]
         for block in self.transformers:
@@ -732,7 +804,7 @@ class Estimator(nn.Module):
 
     def run(
         self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
-        allowed: Tensor | None, cache: CacheWalk,
+        allowed: Tensor | None, cache: Walk,
     ) -> Tensor:  # fmt: skip
         """One block of frames: shapes as ``forward`` with T = the block; ``allowed`` from ``block_mask``."""
         temb = self.time_mlp(time_embedding(t, self.cfg.in_channels).to(t.dtype))
@@ -774,6 +846,80 @@ class FlowStream:
         """Bytes held by the caches (the per-frame cost is in the module docstring)."""
         tensors = [*self.encoder, *(t for step in self.estimator for t in step)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _ODE:
+    """One block's Euler ODE in progress, advanced one estimator call at a time (``Flow._euler_step``).
+
+    Classifier-free guidance runs the estimator on a CFG pair of rows: mu2, cond2 [2, M, n] and spks2
+    [2, M] (row 0 conditional, row 1 zeroed), mask [2, 1, n] (ones). x [1, M, n] is the current point
+    (the block's slice of the flow's fixed noise table at the start), ``grid`` the (t, dt) of every step,
+    allowed [1, 1, n, S] or None the block's attention mask. ``caches``/``buffers``: the stream's
+    per-step estimator state before the block; ``new``/``new_buffers``: after it, one entry per step done.
+    """
+
+    def __init__(
+        self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
+        grid: list[tuple[Tensor, Tensor]], caches: _Caches | None, buffers: _Buffers, collect: bool,
+        kv_dtype: torch.dtype | None, share: bool,
+    ) -> None:  # fmt: skip
+        self.mu2, self.spks2, self.cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
+        self.mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
+        self.x = noise.to(mu.dtype)
+        self.allowed, self.grid = allowed, grid
+        self.caches, self.buffers = caches, buffers
+        self.collect, self.kv_dtype, self.share = collect, kv_dtype, share
+        self.k = 0  # steps done
+        self.new: list[tuple[Tensor, ...]] = []
+        self.new_buffers: list[tuple[_TailBuffer | None, ...]] = []
+
+    @property
+    def frames(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def done(self) -> bool:
+        return self.k == len(self.grid)
+
+    def walk(self) -> CacheWalk:
+        """The stream's cache walk for the next step."""
+        k = self.k
+        return CacheWalk(
+            self.caches[k] if self.caches else None, self.collect, self.kv_dtype, self.share,
+            self.buffers[k] if self.buffers else None,
+        )  # fmt: skip
+
+    def advance(self, v: Tensor, walk: CacheWalk, cfg_rate: float) -> None:
+        """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair."""
+        dt = self.grid[self.k][1]
+        self.x = self.x + dt * ((1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:])
+        if self.collect:
+            self.new.append(walk.result())
+            self.new_buffers.append(tuple(walk.buffers))
+        self.k += 1
+
+
+@dataclass(eq=False)
+class FlowBlock:
+    """A ``Flow.stream_step`` in flight, so that several streams' ODEs can share estimator calls.
+
+    ``Flow.stream_prepare`` runs the encoder and returns it; ``Flow.euler_step`` advances its ODE by one
+    estimator call (alone, or batched with other streams' blocks); once ``done``, ``Flow.stream_finish``
+    returns (mel, next state). Everything in it belongs to one stream.
+    """
+
+    ode: _ODE | None  # None for an empty final block (nothing to solve)
+    state: FlowStream  # the next state, without the estimator caches (``stream_finish`` adds them)
+    in_prompt: int  # leading frames of the block that are prompt frames (solved, not returned)
+
+    @property
+    def done(self) -> bool:
+        return self.ode is None or self.ode.done
+
+    @property
+    def frames(self) -> int:
+        """Mel frames the estimator runs over (prompt frames of the block included)."""
+        return 0 if self.ode is None else self.ode.frames
 
 
 def _as_tokens(tokens: Tensor | Sequence[int], name: str, device: torch.device) -> Tensor:
@@ -859,22 +1005,48 @@ class Flow(nn.Module):
         buffers). ``share``: the new caches will seed many streams (estimator keys/values become read-only
         heads); ``buffers``: the tail buffers of ``caches``.
         """
+        ode = self._ode(mu, spks, cond, noise, allowed, caches, buffers, collect, kv_dtype, share)
+        while not ode.done:
+            self._euler_step([ode])
+        return ode.x.float(), tuple(ode.new), tuple(ode.new_buffers)
+
+    def _ode(
+        self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
+        caches: _Caches | None, buffers: _Buffers, collect: bool, kv_dtype: torch.dtype | None, share: bool,
+    ) -> _ODE:  # fmt: skip
+        grid = self._time_grid(mu.device)
+        return _ODE(mu, spks, cond, noise, allowed, grid, caches, buffers, collect, kv_dtype, share)
+
+    def _euler_step(self, odes: Sequence[_ODE]) -> None:
+        """One Euler step of every ODE (each at its own step) in one estimator call.
+
+        One ODE: its CFG pair alone, [2, M, n] (the unbatched computation, bit for bit). Several (R):
+        their CFG pairs stacked and right-padded to the longest block, [2R, M, n_max], with a frame mask
+        that zeroes the padding; each stream attends to its own cached keys (``BatchWalk``). The GEMMs then
+        round differently than alone (about 1e-6 relative), nothing else changes.
+        """
         a = self.cfg.cfg_rate
-        mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
-        # CFG batch: row 0 conditional, row 1 with mu, spks and cond zeroed; both see the same x and t.
-        mu2, spks2, cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
-        x, new, new_buffers = noise.to(mu.dtype), [], []
-        for k, (t, dt) in enumerate(self._time_grid(mu.device)):
-            walk = CacheWalk(
-                caches[k] if caches else None, collect, kv_dtype, share, buffers[k] if buffers else None
-            )
-            x2, t2 = x.expand(_CFG_BATCH, -1, -1), t.to(mu.dtype).expand(_CFG_BATCH)
-            v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, allowed, walk)
-            x = x + dt * ((1.0 + a) * v[:1] - a * v[1:])
-            if collect:
-                new.append(walk.result())
-                new_buffers.append(tuple(walk.buffers))
-        return x.float(), tuple(new), tuple(new_buffers)
+        if len(odes) == 1:
+            o = odes[0]
+            walk = o.walk()
+            x2, t2 = o.x.expand(_CFG_BATCH, -1, -1), o.grid[o.k][0].to(o.x.dtype).expand(_CFG_BATCH)
+            o.advance(self.estimator.run(x2, o.mask, o.mu2, t2, o.spks2, o.cond2, o.allowed, walk), walk, a)
+            return
+        lengths = [o.frames for o in odes]
+        n = max(lengths)
+
+        def stack(parts: list[Tensor]) -> Tensor:  # [2, C, n_i] each -> [2R, C, n] (zeros after n_i)
+            return torch.cat([F.pad(p, (0, n - p.shape[-1])) for p in parts])
+
+        x2 = stack([o.x.expand(_CFG_BATCH, -1, -1) for o in odes])
+        mu2, cond2, mask = (stack([getattr(o, name) for o in odes]) for name in ("mu2", "cond2", "mask"))
+        spks2 = torch.cat([o.spks2 for o in odes])  # [2R, M]
+        t2 = torch.cat([o.grid[o.k][0].to(o.x.dtype).expand(_CFG_BATCH) for o in odes])  # [2R]
+        walks = [o.walk() for o in odes]
+        batch = BatchWalk(walks, lengths, [o.allowed for o in odes])
+        v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, None, batch)  # [2R, M, n]
+        for i, (o, walk) in enumerate(zip(odes, walks)):
+            o.advance(v[_CFG_BATCH * i : _CFG_BATCH * (i + 1), :, : o.frames], walk, a)
 
     # -- official inference ----------------------------------------------------------------------
 
@@ -982,7 +1154,19 @@ class Flow(nn.Module):
         ``lookahead``: the next ``pre_lookahead_len`` tokens (the start of the next call's ``tokens``);
         None or empty when ``final`` (the utterance ends: zeros, as the official finalize). Work is
         proportional to the block (attention also reads the cached keys of earlier frames).
+        The same as ``stream_prepare``, ``euler_step`` until done, ``stream_finish``.
         """
+        block = self.stream_prepare(state, tokens, lookahead, final=final)
+        while not block.done:
+            self.euler_step([block])
+        return self.stream_finish(block)
+
+    @torch.inference_mode()
+    def stream_prepare(
+        self, state: FlowStream, tokens: Tensor | Sequence[int], lookahead: Tensor | Sequence[int] | None, *,
+        final: bool,
+    ) -> FlowBlock:  # fmt: skip
+        """The first part of ``stream_step`` (arguments as there): checks, encoder, the block's ODE set up."""
         if state.finished:
             raise InputError("this flow stream has already ended (final=True was given)")
         dev, look = self.noise.device, self.cfg.pre_lookahead_len
@@ -1004,10 +1188,32 @@ class Flow(nn.Module):
         if block.shape[1] == 0:
             if not final:
                 raise InputError("stream_step needs at least one token when final=False")
-            return state.prompt_mel.new_zeros(1, self.cfg.n_mels, 0), replace(state, finished=True)
-        mel, state = self._advance(state, block, ahead)
-        return mel, replace(state, pending=tokens[:, :0], promised=block[:, :0] if ahead is None else ahead,
-                            finished=final)  # fmt: skip
+            return FlowBlock(None, replace(state, finished=True), 0)
+        out = self._prepare(state, block, ahead)
+        promised = block[:, :0] if ahead is None else ahead
+        out.state = replace(out.state, pending=tokens[:, :0], promised=promised, finished=final)
+        return out
+
+    @torch.inference_mode()
+    def euler_step(self, blocks: Sequence[FlowBlock]) -> None:
+        """One ODE step of each block (not ``done``; each at its own step, from any streams of this flow) in
+        one estimator call. One block gives exactly ``stream_step``'s numbers; several round differently
+        (batched GEMMs), by about 1e-6 relative (tests/test_engine.py measures it)."""
+        if any(b.done for b in blocks):
+            raise ValueError("euler_step got a block whose ODE is already solved")
+        if blocks:
+            self._euler_step([b.ode for b in blocks])
+
+    @torch.inference_mode()
+    def stream_finish(self, block: FlowBlock) -> tuple[Tensor, FlowStream]:
+        """(mel [1, M, frames of the block's tokens] float32, next state) of a solved block."""
+        if not block.done:
+            raise ValueError("stream_finish needs a solved block (run euler_step until done)")
+        if block.ode is None:
+            return block.state.prompt_mel.new_zeros(1, self.cfg.n_mels, 0), block.state
+        o = block.ode
+        state = replace(block.state, estimator=tuple(o.new), estimator_buffers=tuple(o.new_buffers))
+        return o.x.float()[:, :, block.in_prompt :], state
 
     def _advance(
         self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False
@@ -1018,6 +1224,15 @@ class Flow(nn.Module):
         ``share``: the new state will seed many streams (its estimator keys/values are stored as read-only
         heads that later blocks never copy; see ``_append_tail``).
         """
+        out = self._prepare(state, block, ahead, share)
+        while not out.done:
+            self.euler_step([out])
+        return self.stream_finish(out)
+
+    def _prepare(
+        self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False
+    ) -> FlowBlock:
+        """Encoder over the block (arguments as ``_advance``) and its ODE, ready for ``euler_step``."""
         r, a, n = self.cfg.token_mel_ratio, state.n_tokens, block.shape[1]
         f0, f1 = r * a, r * (a + n)
         noise = self._noise(f0, f1)
@@ -1031,10 +1246,10 @@ class Flow(nn.Module):
         cond = torch.zeros_like(mu)
         cond[:, :, :in_prompt] = state.prompt_mel[:, :, f0 : f0 + in_prompt]
         allowed = block_mask(f0, f1 - f0, est_chunk, None, mu.device)
-        mel, est, bufs = self._solve(
-            mu, state.spks, cond, noise, allowed, state.estimator, True, state.cache_dtype, share,
-            state.estimator_buffers,
+        ode = self._ode(
+            mu, state.spks, cond, noise, allowed, state.estimator, state.estimator_buffers, True,
+            state.cache_dtype, share,
         )  # fmt: skip
-        return mel[:, :, in_prompt:], replace(
-            state, n_tokens=a + n, encoder=enc.result(), estimator=est, estimator_buffers=bufs
-        )
+        # The caches of the next state come from the ODE (``stream_finish``); until then it holds none.
+        nxt = replace(state, n_tokens=a + n, encoder=enc.result(), estimator=(), estimator_buffers=())
+        return FlowBlock(ode, nxt, in_prompt)

@@ -19,8 +19,14 @@ locals of the request's generator or on the request; models are shared read-only
 requests can run side by side. Three things are pluggable so that ``cosyvoice2.engine.Engine`` can serve
 many requests at once through this same code: where speech tokens come from (``DirectLM`` decodes in the
 caller's thread; the engine batches decode steps across requests), where a voice's flow state after the
-prompt comes from (computed per request, or from the engine's prompt cache), and a guard around
-flow/vocoder work (the engine bounds how many run at once).
+prompt comes from (computed per request, or from the engine's prompt cache), a guard around
+flow/vocoder work (the engine bounds how many run at once), and who solves the fast stream's flow ODE (by
+default the request's own thread; the engine's flow batcher runs the ODE steps of all streams' chunks that
+are ready at the same time as one estimator call).
+
+Cancelling: ``run`` takes an optional ``CancelToken``; cancelling it from any thread stops the request at
+its next checkpoint (each chunk; a flow chunk waiting in the engine's batcher is dropped at once) with
+``Cancelled``.
 
 Randomness: each request owns a ``torch.Generator`` seeded with ``seed``. Offline synthesis draws the LM
 samples and then the vocoder noise from it, in the official order, so a seed reproduces the official
@@ -43,11 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +64,9 @@ from torch import Tensor
 from .config import RATES
 from .errors import InputError
 from .voice import VoiceReference
+
+if TYPE_CHECKING:
+    from .flow import FlowBlock
 
 MAX_SPEED = 3.0
 MIN_SPEED = 0.5
@@ -117,6 +128,10 @@ class ChunkTrace:
     flow_s: float
     vocoder_s: float
     at_s: float  # seconds since the request started, when the chunk was ready
+    # With the engine's flow batcher (fast schedule): seconds the chunk's ODE waited before its first
+    # estimator call (included in flow_s), and the most streams' chunks that shared one of its calls.
+    flow_wait_s: float = 0.0
+    flow_batch: int = 1
 
 
 @dataclass
@@ -126,6 +141,7 @@ class RequestTrace:
     started: float = field(default_factory=time.perf_counter)
     chunks: list[ChunkTrace] = field(default_factory=list)
     lm_tokens: int = 0
+    speech_tokens: list[int] = field(default_factory=list)  # the LM's tokens, in order
     prompt_cache_hit: bool | None = None  # fast streaming: whether the voice's flow state was cached
     first_audio_s: float | None = None
 
@@ -172,6 +188,64 @@ def new_generator(seed: int | None, salt: int = 0) -> torch.Generator:
 
 
 VOCODER_SALT = 0x5EED  # streaming: the vocoder's generator is derived from the request seed
+
+
+class Cancelled(Exception):
+    """Raised inside a request's work once it was cancelled (``CancelToken``, or its LM row taken back)."""
+
+
+class CancelToken:
+    """Cancels one request from any thread.
+
+    ``cancel()`` sets ``cancelled`` and runs the callbacks registered with ``add`` once, in the cancelling
+    thread (they must be quick and thread-safe: drop a queued flow chunk, give back an LM row); a callback
+    added after the cancel runs at once. ``add`` returns a function that unregisters the callback.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._callbacks: dict[int, Callable[[], object]] = {}
+        self.cancelled = False
+
+    def add(self, fn: Callable[[], object]) -> Callable[[], None]:
+        with self._lock:
+            if not self.cancelled:
+                key = next(self._ids)
+                self._callbacks[key] = fn
+
+                def remove() -> None:
+                    with self._lock:
+                        self._callbacks.pop(key, None)
+
+                return remove
+        fn()
+        return lambda: None
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            callbacks, self._callbacks = list(self._callbacks.values()), {}
+        for fn in callbacks:
+            fn()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled()
+
+
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.check()
+
+
+def _close_quietly(tokens) -> None:
+    """Close a token iterator from another thread (a generator running right now refuses: it then stops
+    at the request's next checkpoint instead)."""
+    with contextlib.suppress(ValueError):
+        tokens.close()
 
 
 @dataclass
@@ -233,6 +307,11 @@ def _no_guard(first: bool = False) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# (block, first chunk of the stream, cancel token) -> (seconds waited before the first estimator call, most
+# streams in one of its calls); solves ``block``'s ODE to the end (``Flow.euler_step`` until done).
+FlowSolveFn = Callable[["FlowBlock", bool, "CancelToken | None"], tuple[float, int]]
+
+
 class Synthesizer:
     """Runs requests against one set of loaded models (see ``cosyvoice2.api.load``).
 
@@ -240,6 +319,10 @@ class Synthesizer:
     e.g. a prompt cache (default: compute every time). ``compute(first)``: a context-manager factory
     entered around every flow/vocoder call, ``first`` for a stream's first chunk (default: none).
     ``flow_cache_dtype`` / ``static_chunks``: fast-stream flow state options (see ``Flow.stream_start``).
+    ``flow_solve``: who runs the ODE of a fast-stream chunk (``FlowSolveFn``; the engine's flow batcher).
+    None: ``Flow.stream_step`` in the request's thread, inside ``compute``. Otherwise only the encoder
+    and the vocoder run inside ``compute``, and ``flow_solve`` is called outside it (it guards its own
+    estimator calls).
     """
 
     def __init__(
@@ -251,8 +334,10 @@ class Synthesizer:
         compute: Callable[..., contextlib.AbstractContextManager] | None = None,
         flow_cache_dtype: torch.dtype = torch.float32,
         static_chunks: bool = False,
+        flow_solve: FlowSolveFn | None = None,
     ) -> None:
         self.models = models
+        self.flow_solve = flow_solve
         self.lm = lm or DirectLM(models)
         self.flow_start = flow_start or _no_cache
         self.compute = compute or _no_guard
@@ -285,25 +370,43 @@ class Synthesizer:
 
     # -- the one code path -----------------------------------------------------------------------
 
-    def run(self, req: Request) -> Iterator[Tensor]:
-        """Yield float32 audio chunks [n] at RATES.sample_rate; one per text piece unless streaming."""
+    def run(self, req: Request, cancel: CancelToken | None = None) -> Iterator[Tensor]:
+        """Yield float32 audio chunks [n] at RATES.sample_rate; one per text piece unless streaming.
+
+        ``cancel``: cancelling it (from any thread) ends the request with ``Cancelled`` at its next chunk;
+        its LM row is given back at once and a flow chunk waiting in ``flow_solve`` is dropped.
+        """
         req.validate()
         prompt = self._prompt(req)
         gen = new_generator(req.seed)
         vgen = new_generator(req.seed, VOCODER_SALT) if req.stream else gen
         if req.source_tokens is not None:
-            yield from self._token2wav(iter(req.source_tokens.reshape(-1).tolist()), prompt, req, vgen)
+            tokens = iter(req.source_tokens.reshape(-1).tolist())
+            yield from self._token2wav(tokens, prompt, req, vgen, cancel)
             return
         if isinstance(req.text, str):
             pieces = self.models.frontend.text_pieces(req.text) if req.text_frontend else [req.text]
             for piece in pieces:
+                _check(cancel)
                 ids = self.models.frontend.encode(piece)
-                with contextlib.closing(self.lm.generate(ids, prompt, gen)) as tokens:
-                    yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen)
+                with self._tokens(self.lm.generate(ids, prompt, gen), cancel) as tokens:
+                    yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen, cancel)
         else:
             text_ids = self.models.stream_text_ids(req.text, req.text_frontend)
-            with contextlib.closing(self.lm.generate_bistream(text_ids, prompt, gen)) as tokens:
-                yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen)
+            with self._tokens(self.lm.generate_bistream(text_ids, prompt, gen), cancel) as tokens:
+                yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen, cancel)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _tokens(tokens: Iterator[int], cancel: CancelToken | None) -> Iterator[Iterator[int]]:
+        """Close the token source on the way out, or as soon as the request is cancelled."""
+        remove = None if cancel is None else cancel.add(lambda: _close_quietly(tokens))
+        try:
+            yield tokens
+        finally:
+            if remove is not None:
+                remove()
+            tokens.close()
 
     @staticmethod
     def _counted(tokens: Iterator[int], trace: RequestTrace | None) -> Iterator[int]:
@@ -313,19 +416,24 @@ class Synthesizer:
         def count():
             for tok in tokens:
                 trace.lm_tokens += 1
+                trace.speech_tokens.append(tok)
                 yield tok
 
         return count()
 
     # -- speech tokens -> audio ------------------------------------------------------------------
 
-    def _token2wav(self, tokens: Iterator[int], prompt: _Prompt, req: Request, gen) -> Iterator[Tensor]:
+    def _token2wav(
+        self, tokens: Iterator[int], prompt: _Prompt, req: Request, gen, cancel: CancelToken | None = None
+    ) -> Iterator[Tensor]:
         if not req.stream:
-            yield self.offline(list(tokens), prompt, req.speed, gen, req.trace)
+            tokens = list(tokens)
+            _check(cancel)
+            yield self.offline(tokens, prompt, req.speed, gen, req.trace)
         elif req.schedule.kind == "official":
-            yield from self.stream_official(tokens, prompt, req.schedule, req.speed, gen, req.trace)
+            yield from self.stream_official(tokens, prompt, req.schedule, req.speed, gen, req.trace, cancel)
         else:
-            yield from self.stream_fast(tokens, prompt, req.schedule, req.speed, gen, req.trace)
+            yield from self.stream_fast(tokens, prompt, req.schedule, req.speed, gen, req.trace, cancel)
 
     def offline(
         self, tokens: list[int], prompt: _Prompt, speed: float, gen, trace: RequestTrace | None = None
@@ -351,6 +459,7 @@ class Synthesizer:
         speed: float,
         gen,
         trace: RequestTrace | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[Tensor]:
         """The official chunk loop (SPEC §10): each chunk re-runs the flow on all tokens so far."""
         from .hift import VocoderStream
@@ -366,6 +475,7 @@ class Synthesizer:
             have.append(tok)
             this_hop = hop + pad if offset == 0 else hop
             if len(have) - offset >= this_hop + look:
+                _check(cancel)
                 with self.compute(first=offset == 0):
                     t0 = time.perf_counter()
                     mel = self.models.flow_inference(
@@ -385,6 +495,7 @@ class Synthesizer:
         if not have:
             return
         # SPEC §16.2: the official final chunk runs the flow without chunk masks; the fixtures pin it.
+        _check(cancel)
         with self.compute():
             t0 = time.perf_counter()
             mel = self.models.flow_inference(have, prompt, streaming=False, finalize=True)
@@ -417,6 +528,7 @@ class Synthesizer:
         speed: float,
         gen,
         trace: RequestTrace | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[Tensor]:
         """Chunk-causal streaming with the flow state kept between chunks: each chunk costs O(chunk)."""
         from .hift import VocoderStream
@@ -440,17 +552,37 @@ class Synthesizer:
 
         def chunk(new: list[int], ahead: list[int], final: bool):
             nonlocal fstate, vstate
+            _check(cancel)
             before = fstate.n_tokens
-            with self.compute(first=vstate.mel is None and not final):
+            first = vstate.mel is None and not final
+            waited, shared = 0.0, 1
+            if self.flow_solve is None:
+                with self.compute(first=first):
+                    t0 = time.perf_counter()
+                    mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=final)
+                    t1 = time.perf_counter()
+                    audio, vstate = self.models.hift.stream_step(
+                        vstate, _apply_speed(mel, speed), final=final, generator=gen
+                    )
+                    t2 = time.perf_counter()
+            else:
+                # Encoder here; the ODE (~all of the flow's work) where the engine batches it with the
+                # chunks of other streams that are ready at the same time; then the vocoder here.
+                flow = self.models.flow
                 t0 = time.perf_counter()
-                mel, fstate = self.models.flow_stream_step(fstate, new, ahead, final=final)
+                with self.compute(first=first):
+                    block = flow.stream_prepare(fstate, _token_ids(new), _token_ids(ahead), final=final)
+                waited, shared = self.flow_solve(block, first, cancel)
+                mel, fstate = flow.stream_finish(block)
+                del block
                 t1 = time.perf_counter()
-                audio, vstate = self.models.hift.stream_step(
-                    vstate, _apply_speed(mel, speed), final=final, generator=gen
-                )
+                with self.compute(first=first):
+                    audio, vstate = self.models.hift.stream_step(
+                        vstate, _apply_speed(mel, speed), final=final, generator=gen
+                    )
                 t2 = time.perf_counter()
             frames = ratio * (fstate.n_tokens - before)
-            _record(trace, len(new), frames, ratio * before, audio, t0, t1, t2)
+            _record(trace, len(new), frames, ratio * before, audio, t0, t1, t2, waited, shared)
             return audio
 
         def ready() -> Iterator[Tensor]:
@@ -471,7 +603,12 @@ class Synthesizer:
             yield audio[0]
 
 
-def _record(trace, n_tokens, frames, context, audio, t0, t1, t2) -> None:
+def _token_ids(tokens: list[int]) -> Tensor:
+    """[1, n] int32, as ``Models.flow_stream_step`` passes them to the flow."""
+    return torch.tensor(tokens, dtype=torch.int32)[None]
+
+
+def _record(trace, n_tokens, frames, context, audio, t0, t1, t2, flow_wait=0.0, flow_batch=1) -> None:
     if trace is None:
         return
     trace.chunks.append(
@@ -483,6 +620,8 @@ def _record(trace, n_tokens, frames, context, audio, t0, t1, t2) -> None:
             flow_s=t1 - t0,
             vocoder_s=t2 - t1,
             at_s=t2 - trace.started,
+            flow_wait_s=flow_wait,
+            flow_batch=flow_batch,
         )
     )
     if trace.first_audio_s is None and audio.numel():
