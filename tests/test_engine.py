@@ -214,6 +214,54 @@ def test_astream_cancel_and_errors(tts, voice):
     assert tts.engine.worker.active_rows == 0
 
 
+def test_astream_and_synthesize_cancel_mid_chunk(tts, voice, monkeypatch):
+    """Cancelling ``astream`` (its task) or a ``cancel`` token while a flow chunk is being made stops the
+    request at once: the chunk leaves the batcher before it was solved, the synthesis thread ends, the LM
+    row is free. ``synthesize`` with a cancelled token raises ``Cancelled`` rather than returning the audio
+    made so far."""
+    engine, batcher = tts.engine, tts.engine.flow_batcher
+    gate = threading.Lock()
+    monkeypatch.setattr(batcher, "slot", lambda: gate)  # held: every estimator call waits
+
+    async def main():
+        agen = tts.astream(TEXTS[0], voice=voice, seed=4)
+        task = asyncio.ensure_future(agen.__anext__())
+        deadline = time.monotonic() + 60
+        while batcher.pending != 1:  # the first chunk is inside the flow, waiting for its first ODE step
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batcher.pending == 0  # dropped at once, while the gate still blocks every call
+
+    calls0 = batcher.calls
+    with gate:
+        asyncio.run(main())
+        _wait_until(lambda: engine.worker.active_rows == 0)
+        assert not any(t.name == "cosyvoice2-astream" and t.is_alive() for t in threading.enumerate())
+        assert batcher.calls == calls0
+
+        cancel, got = CancelToken(), {}
+
+        def run():
+            try:
+                got["audio"] = tts.synthesize(TEXTS[1], voice=voice, seed=4, schedule="fast", cancel=cancel)
+            except Cancelled as e:
+                got["error"] = e
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        _wait_until(lambda: batcher.pending == 1)
+        cancel.cancel()
+        thread.join(30)
+        assert not thread.is_alive() and "audio" not in got and isinstance(got["error"], Cancelled)
+        assert batcher.pending == 0 and batcher.calls == calls0
+    monkeypatch.undo()
+    _wait_until(lambda: engine.worker.active_rows == 0)
+    assert cosyvoice2.CancelToken is CancelToken and cosyvoice2.Cancelled is Cancelled
+
+
 def test_batched_flow_chunks_equal_lone_chunks(tts, voice, fixtures):
     """Flow blocks of 3 streams solved together (one estimator call per ODE step for all) equal each
     stream's lone ``stream_step`` within MEL_TOL. Covers prompt heads of different lengths (two voices),

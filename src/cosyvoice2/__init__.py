@@ -4,7 +4,16 @@ from .errors import CosyVoiceError, InputError, ModelLoadError
 from .voice import VoiceReference
 
 __version__ = "0.1.0"
-__all__ = ["CosyVoice2", "CosyVoiceError", "InputError", "ModelLoadError", "VoiceReference", "load"]
+__all__ = [
+    "CancelToken",
+    "Cancelled",
+    "CosyVoice2",
+    "CosyVoiceError",
+    "InputError",
+    "ModelLoadError",
+    "VoiceReference",
+    "load",
+]
 
 
 def load(path=None, **kwargs):
@@ -19,4 +28,8 @@ def __getattr__(name):
         from .api import CosyVoice2
 
         return CosyVoice2
+    if name in ("CancelToken", "Cancelled"):  # lazily: they live beside torch code
+        from . import synthesis
+
+        return getattr(synthesis, name)
     raise AttributeError(name)

@@ -35,7 +35,7 @@ from .config import RATES
 from .engine import Engine, EngineOptions
 from .errors import InputError
 from .model_dir import OFFICIAL_YAML, Models, load_official_dir
-from .synthesis import Request, RequestTrace, StreamSchedule
+from .synthesis import Cancelled, CancelToken, Request, RequestTrace, StreamSchedule
 from .voice import VoiceReference
 
 VoiceLike = VoiceReference | str | Path | None
@@ -124,26 +124,30 @@ class CosyVoice2:
         *,
         schedule: StreamSchedule | str | None = None,
         trace: RequestTrace | None = None,
+        cancel: CancelToken | None = None,
     ) -> np.ndarray:
         """Text (any length; long texts are split into sentences) -> float32 audio [n].
 
         ``schedule=None`` (default) runs the official offline flow (full attention, official parity).
         ``schedule="fast"`` synthesises through the streaming path and joins the chunks: the voice's
         prompt work is cached and reused, at a small, bounded difference (tests/test_streaming.py).
+        ``cancel``: cancelling it from another thread stops the work at once; the call then raises
+        ``Cancelled``.
         """
         if schedule is not None:
-            return _join(
-                self.engine.run(self.request(text, voice, instruct, speed, seed, True, schedule, trace=trace))
-            )
-        req = self.request(text, voice, instruct, speed, seed, trace=trace)
-        chunks = self.engine.run(req)
+            req = self.request(text, voice, instruct, speed, seed, True, schedule, trace=trace)
+        else:
+            req = self.request(text, voice, instruct, speed, seed, trace=trace)
+        chunks = self.engine.run(req, cancel)
+        if schedule is not None:
+            return _checked(_join(chunks), cancel)
         if progress and isinstance(text, str):
             from tqdm import tqdm
 
             n = len(self.models.frontend.text_pieces(text))
             if n > 1:
                 chunks = tqdm(chunks, total=n, unit="sentence", desc="synthesising")
-        return _join(chunks)
+        return _checked(_join(chunks), cancel)
 
     def stream(
         self,
@@ -156,12 +160,14 @@ class CosyVoice2:
         text_frontend: bool = True,
         *,
         trace: RequestTrace | None = None,
+        cancel: CancelToken | None = None,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as they are made. ``text`` may be an iterable of pieces still being written.
 
         ``schedule``: "fast" (default: small first chunk, then growing chunks, O(chunk) work each) or
         "official" (the official chunk loop, reproducible chunk for chunk). Closing the returned
-        generator (or dropping it) cancels the request and frees its state.
+        generator (or dropping it) cancels the request and frees its state; so does cancelling ``cancel``,
+        from any thread, also while a chunk is being made (the iteration then ends).
         """
         req = self.request(
             text,
@@ -174,7 +180,7 @@ class CosyVoice2:
             text_frontend=text_frontend,
             trace=trace,
         )
-        with contextlib.closing(self.engine.run(req)) as chunks:
+        with contextlib.closing(self.engine.run(req, cancel)) as chunks:
             for chunk in chunks:
                 yield chunk.detach().numpy().astype(np.float32, copy=False)
 
@@ -195,13 +201,14 @@ class CosyVoice2:
 
         The synthesis runs in a thread of its own; the event loop never blocks on model work. At most
         ``max_buffered`` chunks wait for the consumer (then synthesis pauses). Leaving the loop early,
-        ``aclose()`` or cancelling the task cancels the request.
+        ``aclose()`` or cancelling the task cancels the request at once, also in the middle of a chunk.
         """
         loop = asyncio.get_running_loop()
         feed = _TextFeed() if isinstance(text, AsyncIterable) else None
         sync_text = iter(feed) if feed is not None else text
+        cancel = CancelToken()
         gen = self.stream(
-            sync_text, voice, instruct, speed, seed, schedule, text_frontend, trace=trace
+            sync_text, voice, instruct, speed, seed, schedule, text_frontend, trace=trace, cancel=cancel
         )  # validates arguments lazily, in the thread below
         out: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(max(1, int(max_buffered)))  # chunks the consumer has not taken yet
@@ -246,6 +253,7 @@ class CosyVoice2:
                 yield item
         finally:
             stop.set()
+            cancel.cancel()  # stops the synthesis thread now, not after the chunk it is making
             if feed is not None:
                 feed.close()
             if pump is not None and not pump.done():
@@ -310,6 +318,13 @@ class _TextFeed:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def _checked(audio: np.ndarray, cancel: CancelToken | None) -> np.ndarray:
+    """A cancelled call must not pass off the audio made so far as the whole utterance."""
+    if cancel is not None and cancel.cancelled:
+        raise Cancelled("the request was cancelled")
+    return audio
 
 
 def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:

@@ -151,6 +151,7 @@ def cmd_eval(args) -> int:
         voices=args.voices,
         prompts=prompts,
         stream=args.stream,
+        resynth=args.resynth,
         seed=args.seed,
         progress=not args.quiet,
         header=header,
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", help="manifest of zero-shot prompts (default: the corpus's held-out speakers)"
     )
     p.add_argument("--stream", action="store_true", help="also score streaming synthesis (doubles the time)")
+    p.add_argument(
+        "--resynth",
+        action="store_true",
+        help="also score the teacher audio through the vocoder alone and through tokenizer + flow + vocoder",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--speaker-encoder",

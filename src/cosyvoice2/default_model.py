@@ -280,7 +280,7 @@ def save_native_dir(
             shutil.copyfile(tok_src / name, tmp / TOKENIZER_DIR / name)
         (tmp / SPEAKERS_DIR).mkdir()
         for name, voice in speakers.items():
-            voice.save(tmp / SPEAKERS_DIR / f"{name}.voice")
+            voice.save(tmp / SPEAKERS_DIR / f"{name}.voice", dtype=torch.float16)  # like the weights
         (tmp / "NOTICE").write_text((notice or RESEMBLYZER_NOTICE) + "\n", encoding="utf-8")
         (tmp / NATIVE_CONFIG).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

@@ -861,9 +861,10 @@ class Engine:
             flow_solve=None if self.flow_batcher is None else self._flow_solve,
         )
 
-    def run(self, req: Request) -> RequestStream:
-        """Audio chunks of one request (float32 [n]); close the iterator (from any thread) to cancel it."""
-        cancel = CancelToken()
+    def run(self, req: Request, cancel: CancelToken | None = None) -> RequestStream:
+        """Audio chunks of one request (float32 [n]); close the iterator, or cancel ``cancel``, from any
+        thread to cancel it (also while a chunk is being made)."""
+        cancel = cancel or CancelToken()
         return RequestStream(self.synth.run(req, cancel), cancel)
 
     @contextlib.contextmanager

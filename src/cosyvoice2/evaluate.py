@@ -594,6 +594,7 @@ class Item:
     prompt: Utterance | None = None  # zero-shot prompt
     references: list[Utterance] = field(default_factory=list)  # the prompt speaker's reference set
     audio: Utterance | None = None  # teacher: the corpus utterance scored
+    source: Utterance | None = None  # resynthesis: the corpus utterance put through part of the model
 
 
 @dataclass
@@ -613,6 +614,7 @@ def make_plan(
     voices: list[str] | None = None,
     prompts: list[Utterance] | None = None,
     stream: bool = False,
+    resynth: bool = False,
     seed: int = 0,
 ) -> Plan:
     """Choose sentences, voices and prompts, deterministically for a given corpus and seed.
@@ -625,6 +627,9 @@ def make_plan(
     "test_unseen_speaker", lowest id first.
     Zero-shot prompts: ``prompts`` (default: the corpus's "test_unseen_speaker" rows), speakers taken in
     turn; the prompt is a random utterance of that speaker in the target's language with another text.
+    ``resynth``: per teacher utterance also "resynth_vocoder" (its mel through the model's vocoder) and
+    "resynth_tokens" (its speech tokens through the flow and vocoder, i.e. voice conversion into the
+    sentence's built-in voice): the ceilings that the vocoder, and tokenizer + flow, put on the model.
     """
     voices = list(voices or [])
     heldout = [u for u in corpus if u.split in (HELDOUT_SPLIT, HELDOUT_SPEAKER_SPLIT)]
@@ -640,7 +645,7 @@ def make_plan(
         available[lang] = len(texts)
         random.Random(f"{seed}:{lang}").shuffle(texts)
         sentences[lang] = texts[:max_sentences]
-    index = {"teacher": 0, "builtin": 0, "zero_shot": 0}
+    index = {"teacher": 0, "builtin": 0, "zero_shot": 0, "resynth_vocoder": 0, "resynth_tokens": 0}
 
     def add(condition: str, lang: str, text: str, **kw) -> Item:
         item = Item(condition, lang, text, seed + index[condition], **kw)
@@ -657,6 +662,10 @@ def make_plan(
             add("teacher", lang, text, audio=teacher)
             if voice is not None:
                 add("builtin", lang, text, voice=voice)
+            if resynth:
+                add("resynth_vocoder", lang, text, source=teacher)
+                if voice is not None:
+                    add("resynth_tokens", lang, text, voice=voice, source=teacher)
         turn, rng = 0, random.Random(f"{seed}:{lang}:prompts")
         for text in texts:
             for _ in range(len(speakers)):
@@ -692,7 +701,16 @@ def make_plan(
 # 5. Running the plan
 # --------------------------------------------------------------------------------------------------
 
-CONDITIONS = ("teacher", "builtin", "zero_shot", "teacher_zero_shot", "builtin_stream", "zero_shot_stream")
+CONDITIONS = (
+    "teacher",
+    "resynth_vocoder",
+    "resynth_tokens",
+    "builtin",
+    "zero_shot",
+    "teacher_zero_shot",
+    "builtin_stream",
+    "zero_shot_stream",
+)
 
 
 def _utt_info(u: Utterance) -> dict[str, Any]:
@@ -728,9 +746,24 @@ class Evaluator:
             self._voices[key] = self.tts.voice(item.prompt.audio, text=item.prompt.text)
         return self._voices[key]
 
+    def _resynthesize(self, item: Item) -> np.ndarray:
+        import torch
+
+        from .audio import load_audio, prompt_mel
+
+        sr = self.tts.sample_rate
+        wav = load_audio(item.source.audio, sr, check_silence=False)
+        if item.condition == "resynth_tokens":
+            return self.tts.convert(wav, item.voice, seed=item.seed, src_rate=sr)
+        mel = prompt_mel(torch.from_numpy(wav)).transpose(1, 2)  # [1, 80, T]
+        g = torch.Generator().manual_seed(item.seed)
+        return self.tts.models.hift.inference(mel.contiguous(), generator=g)[0][0].numpy()
+
     def _synthesize(self, item: Item) -> tuple[np.ndarray, dict[str, Any]]:
-        voice = self._voice(item)
         t0 = time.perf_counter()
+        if item.source is not None:
+            return self._resynthesize(item), {"synth_s": round(time.perf_counter() - t0, 3)}
+        voice = self._voice(item)
         if item.condition.endswith("_stream"):
             chunks, first = [], None
             for chunk in self.tts.stream(item.text, voice=voice, seed=item.seed):
@@ -754,6 +787,8 @@ class Evaluator:
             out["seed"] = item.seed
             if item.voice is not None:
                 out["voice"] = item.voice
+            if item.source is not None:
+                out["utterance"] = _utt_info(item.source)
             try:
                 audio, timing = self._synthesize(item)
             except InputError as e:  # the model refused this text: scored as all deleted
@@ -915,6 +950,7 @@ def evaluate(
     voices: int | None = None,
     prompts: list[Utterance] | None = None,
     stream: bool = False,
+    resynth: bool = False,
     seed: int = 0,
     progress: bool = True,
     header: dict[str, Any] | None = None,
@@ -936,6 +972,7 @@ def evaluate(
         voices=names,
         prompts=prompts,
         stream=stream,
+        resynth=resynth,
         seed=seed,
     )
     if not any(plan.sentences.values()):
@@ -970,6 +1007,7 @@ def evaluate(
             "max_sentences": max_sentences,
             "voices": plan.voices,
             "stream": stream,
+            "resynth": resynth,
             "seed": seed,
         },
         "sentences": {

@@ -38,8 +38,12 @@ class SpeechTokenizerConfig:
     n_blocks: int = 4  # encoder blocks before the quantiser (the shipped part)
     fsq_dim: int = 8
     fsq_levels: int = 3
-    downsample: int = 4  # 100 Hz features -> 25 Hz tokens (two stride-2 convs)
+    downsample: int = 4  # 100 Hz features -> 25 Hz tokens
     dropout: float = 0.1
+    # "strided": two stride-2 convs, the blocks run at 25 Hz. "whisper": Whisper's encoder layout (conv
+    # k3 s1, conv k3 s2, blocks at 50 Hz, then frame pairs averaged to 25 Hz), so a pretrained Whisper
+    # encoder can start it (cosyvoice2.train.whisper_init).
+    stem: str = "strided"
     max_seconds: float = 30.0  # the official tokenizer's limit
 
     def __post_init__(self) -> None:
@@ -52,6 +56,8 @@ class SpeechTokenizerConfig:
             raise ModelLoadError(f"speech tokenizer: fsq_levels must be odd and >= 3, got {self.fsq_levels}")
         if self.downsample != 4:
             raise ModelLoadError("speech tokenizer: only 4x downsampling (two stride-2 convs) is implemented")
+        if self.stem not in ("strided", "whisper"):
+            raise ModelLoadError(f"speech tokenizer: stem must be 'strided' or 'whisper', got {self.stem!r}")
 
     @property
     def codebook_size(self) -> int:
@@ -153,13 +159,13 @@ def token_lengths(feature_frames: Tensor | int, cfg: SpeechTokenizerConfig) -> T
 
 
 class SpeechTokenizerModel(nn.Module):
-    """Whisper log-mel -> 2 stride-2 convs -> transformer blocks -> Linear(D, Q) -> FSQ codes."""
+    """Whisper log-mel -> 2 convs -> transformer blocks -> (25 Hz) -> Linear(D, Q) -> FSQ codes."""
 
     def __init__(self, cfg: SpeechTokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.conv1 = nn.Conv1d(cfg.n_mels, d, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv1d(cfg.n_mels, d, 3, stride=1 if cfg.stem == "whisper" else 2, padding=1)
         self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_blocks)
@@ -179,16 +185,23 @@ class SpeechTokenizerModel(nn.Module):
 
     def encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """feats [B, M, F], feat_lens [B] -> (bounded values before rounding [B, N, Q], lengths [B])."""
-        h = F.gelu(self.conv2(F.gelu(self.conv1(feats))))  # [B, D, ceil(F/4)]
+        return self.fsq.bound(self.down(self.hidden(feats, feat_lens))), token_lengths(feat_lens, self.cfg)
+
+    def hidden(self, feats: Tensor, feat_lens: Tensor) -> Tensor:
+        """feats [B, M, F], feat_lens [B] -> the encoder's output at 25 Hz [B, N, D], N = F // 4."""
         n = feats.shape[-1] // self.cfg.downsample
-        h = h[:, :, :n].transpose(1, 2)  # [B, N, D]
-        h = h + sinusoids(n, h.shape[-1], h.device).to(h.dtype)
-        lens = token_lengths(feat_lens, self.cfg)
-        valid = torch.arange(n, device=h.device)[None] < lens[:, None]
+        r = 2 if self.cfg.stem == "whisper" else 1  # block frames per token
+        h = F.gelu(self.conv2(F.gelu(self.conv1(feats))))  # [B, D, ceil(F * r / 4)]
+        h = h[:, :, : n * r].transpose(1, 2)  # [B, N * r, D]
+        h = h + sinusoids(n * r, h.shape[-1], h.device).to(h.dtype)
+        valid = torch.arange(n * r, device=h.device)[None] < token_lengths(feat_lens, self.cfg)[:, None] * r
         key_valid = None if bool(valid.all()) else valid
         for block in self.blocks:
             h = block(h, key_valid)
-        return self.fsq.bound(self.down(self.norm(h))), lens
+        h = self.norm(h)
+        if r > 1:  # 50 Hz -> 25 Hz: the mean of each frame pair
+            h = h.view(h.shape[0], n, r, h.shape[-1]).mean(2)
+        return h
 
     @torch.inference_mode()
     def tokens(self, wav16k: Tensor) -> Tensor:

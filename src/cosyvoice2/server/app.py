@@ -72,6 +72,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from cosyvoice2.audio import AUDIO_FORMATS, AudioStreamEncoder, content_type, encode_audio
 from cosyvoice2.errors import InputError
+from cosyvoice2.synthesis import Cancelled as SynthesisCancelled
+from cosyvoice2.synthesis import CancelToken
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -243,17 +245,19 @@ class Cancelled(Exception):
 class Bridge:
     """Runs a blocking generator in a worker thread and hands its items to the event loop.
 
-    The worker may run at most ``depth`` items ahead of the consumer. ``cancel()`` makes the worker stop at
-    its next step; the worker always closes the generator itself (a generator can only be closed from the
-    thread running it), which frees the request's state, and then calls ``on_done`` (slot release).
-    ``stats`` counts the seconds the worker spent computing (excluding time blocked on a slow consumer
-    and time spent waiting for text, which the text feed reports through ``waited``).
+    The worker may run at most ``depth`` items ahead of the consumer. ``produce`` gets the bridge's
+    ``CancelToken``: ``cancel()`` cancels it, so synthesis stops at once, in the middle of a chunk, and
+    the worker stops at its next step; the worker always closes the generator itself (a generator can
+    only be closed from the thread running it), which frees the request's state, and then calls
+    ``on_done`` (slot release). ``stats`` counts the seconds the worker spent computing (excluding time
+    blocked on a slow consumer and time spent waiting for text, which the text feed reports through
+    ``waited``).
     """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        produce: Callable[[], Iterator],
+        produce: Callable[[CancelToken], Iterator],
         on_done: Callable[[], None],
         depth: int,
         cancelled: threading.Event | None = None,
@@ -264,6 +268,7 @@ class Bridge:
         self._q: asyncio.Queue = asyncio.Queue()
         self._room = threading.Semaphore(max(1, depth))
         self.cancelled = cancelled or threading.Event()
+        self.token = CancelToken()
         self.finished = threading.Event()
         self.compute_seconds = 0.0
         self.waited = 0.0  # added to by the text feed (seconds blocked waiting for text)
@@ -278,10 +283,11 @@ class Bridge:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        self.token.cancel()
 
     def fail(self, exc: BaseException) -> None:
         """From the event loop: stop the worker and make the consumer's next ``get`` raise ``exc``."""
-        self.cancelled.set()
+        self.cancel()
         self._q.put_nowait((_ERR, exc))
 
     async def get(self) -> tuple[str, Any]:
@@ -317,7 +323,7 @@ class Bridge:
             if self.cancelled.is_set():
                 return
             t = time.perf_counter()
-            gen = self._produce()
+            gen = self._produce(self.token)
             while True:
                 try:
                     item = next(gen)
@@ -329,7 +335,7 @@ class Bridge:
                     return
                 t = time.perf_counter()
             final = (_END, None)
-        except Cancelled:
+        except (Cancelled, SynthesisCancelled):
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which maps it to a response
             if not isinstance(e, InputError):
@@ -741,7 +747,7 @@ class Server:
             )
 
     def start_bridge(
-        self, produce: Callable[[], Iterator], cancelled: threading.Event | None = None
+        self, produce: Callable[[CancelToken], Iterator], cancelled: threading.Event | None = None
     ) -> Bridge:
         """Take a slot (or raise 429) and start ``produce`` in a worker, which releases the slot when done."""
         bridge = Bridge(
@@ -753,13 +759,15 @@ class Server:
 
     def encoded_stream(
         self, text, voice, fmt: str, opts: SpeechOptions, speed: float
-    ) -> Callable[[], Iterator]:
+    ) -> Callable[[CancelToken], Iterator]:
         """A producer of (bytes, n_samples) pairs: the request's audio encoded as it is made."""
         tts, sample_rate = self.tts, self.sample_rate
 
-        def produce() -> Iterator[tuple[bytes, int]]:
+        def produce(cancel: CancelToken) -> Iterator[tuple[bytes, int]]:
             encoder = AudioStreamEncoder(fmt, sample_rate)
-            gen = tts.stream(text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed)
+            gen = tts.stream(
+                text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed, cancel=cancel
+            )
             try:
                 for chunk in gen:
                     yield encoder.encode(chunk), int(np.asarray(chunk).size)
@@ -977,7 +985,7 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
 
         tts = server.tts
 
-        def make() -> Iterator[Any]:
+        def make(cancel: CancelToken) -> Iterator[Any]:  # voice cloning is short: not cancelled midway
             _probe_seconds(data, settings.max_voice_seconds)
             voice = tts.voice(data, text=text, name=name)
             if voice.duration and voice.duration < settings.min_voice_seconds:
@@ -1073,8 +1081,10 @@ def _observe(metrics: Metrics, route: str, audio_seconds: float, compute: float,
 def _offline(server: Server, text: str, voice, fmt: str, opts: SpeechOptions, speed: float):
     tts, sample_rate = server.tts, server.sample_rate
 
-    def produce() -> Iterator[tuple[bytes, int]]:
-        audio = tts.synthesize(text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed)
+    def produce(cancel: CancelToken) -> Iterator[tuple[bytes, int]]:
+        audio = tts.synthesize(
+            text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed, cancel=cancel
+        )
         yield encode_audio(audio, sample_rate, fmt), int(np.asarray(audio).size)
 
     return produce

@@ -85,6 +85,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     find_unused_parameters: bool = False
     threads: int = 0  # torch CPU threads per process (0: leave torch's default)
+    # Warm start: a checkpoint file or run folder whose weights (those with the same name and shape) start
+    # a new run; optimizer, step and data order start fresh. Ignored once out_dir has a checkpoint.
+    init_from: str = ""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -262,6 +265,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
+def warm_start(model: nn.Module, source: str | Path) -> tuple[int, int]:
+    """Copy the weights of ``source`` (a checkpoint, or a run folder's latest) whose names and shapes match
+    ``model``'s; the rest keep their initialisation. Returns (tensors copied, tensors in model)."""
+    path = Path(source)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"init_from: no checkpoint in {path}")
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found")
+    theirs = load_checkpoint(path)["model"]
+    mine = model.state_dict()
+    take = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    model.load_state_dict(take, strict=False)
+    return len(take), len(mine)
+
+
 def save_checkpoint(out_dir: Path, payload: dict[str, Any], keep: int) -> Path:
     """Write ``step_XXXXXXX.pt``, point ``latest`` at it, delete all but the newest ``keep``."""
     ckpt_dir = out_dir / CKPT_DIR
@@ -379,6 +400,10 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
             seed_everything(cfg.seed + 7919 * step + d.rank)
         if d.is_main:
             print(f"[{task.name}] resumed from {ckpt_path} at step {step}", file=sys.stderr)
+    elif cfg.init_from:
+        n, total = warm_start(model, cfg.init_from)
+        if d.is_main:
+            print(f"[{task.name}] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
     # No buffer broadcast: nothing here has running statistics, and the flow's fixed noise table is large.
     ddp = (
         DDP(model, find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)

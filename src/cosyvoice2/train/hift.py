@@ -68,6 +68,7 @@ from .common import (
     set_rng_state,
     to_device,
     train_config,
+    warm_start,
 )
 from .data import BatchStream, Utt, UttDataset, load_wav, read_manifest
 
@@ -89,6 +90,11 @@ class HiftTrainConfig:
     spec_channels: int = 32
     f0_min: float = 50.0
     f0_max: float = 600.0
+    # Multi-resolution STFT loss (spectral convergence + log-magnitude L1, Yamamoto et al. 2020). The 80-bin
+    # mel loss cannot see harmonics; without the GAN a generator trained on it alone smears them and the
+    # formants (measured on the first CPU build: Whisper could not read its copy-synthesis, WER 98 %).
+    stft_weight: float = 0.0
+    stft_resolutions: tuple[tuple[int, int, int], ...] = ((512, 120, 480), (1024, 240, 960), (256, 50, 200))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +274,20 @@ def log_mel(audio: Tensor) -> Tensor:
     return prompt_mel(audio, LOSS_MEL)
 
 
+def stft_loss(fake: Tensor, real: Tensor, resolutions: tuple[tuple[int, int, int], ...]) -> Tensor:
+    """Mean over resolutions of spectral convergence + L1 of log magnitudes; fake, real [B, L]."""
+    total = fake.new_zeros(())
+    for n_fft, hop, win in resolutions:
+        window = torch.hann_window(win, device=fake.device)
+        mags = [
+            torch.stft(x, n_fft, hop, win, window=window, return_complex=True).abs().clamp(min=1e-7)
+            for x in (fake, real)
+        ]
+        sc = torch.linalg.norm(mags[1] - mags[0]) / torch.linalg.norm(mags[1]).clamp(min=1e-7)
+        total = total + sc + F.l1_loss(mags[0].log(), mags[1].log())
+    return total / len(resolutions)
+
+
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +352,16 @@ def train(
             seed_everything(cfg.seed + 7919 * step + d.rank)
         if d.is_main:
             print(f"[hift] resumed from {ckpt_path} at step {step}", file=sys.stderr)
+    elif cfg.init_from:  # warm start: both networks' weights, fresh optimizers and schedule
+        n_g, total = warm_start(gen, cfg.init_from)
+        init = latest_checkpoint(cfg.init_from) if Path(cfg.init_from).is_dir() else Path(cfg.init_from)
+        theirs = load_checkpoint(init).get("disc", {})
+        mine = disc.state_dict()
+        disc.load_state_dict(
+            {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}, strict=False
+        )
+        if d.is_main:
+            print(f"[hift] started from {cfg.init_from}: {n_g} of {total} generator tensors", file=sys.stderr)
     gen_ddp = DDP(gen, broadcast_buffers=False) if d.distributed else gen
     disc_ddp = DDP(disc, broadcast_buffers=False) if d.distributed else disc
     log = JsonlLog(out_dir / "log.jsonl" if d.is_main else None)
@@ -374,6 +404,10 @@ def train(
         mel_loss = F.l1_loss(log_mel(fake[:, 0]), log_mel(real[:, 0]))
         f0_loss = F.l1_loss(f0, batch["f0"])
         g_loss = tc.mel_weight * mel_loss + tc.f0_weight * f0_loss
+        if tc.stft_weight:
+            spec_loss = stft_loss(fake[:, 0], real[:, 0], tc.stft_resolutions)
+            g_loss = g_loss + tc.stft_weight * spec_loss
+            metrics["stft"] = spec_loss.item()
         if adversarial:
             adv, fm = generator_losses(disc_ddp(torch.cat([real, fake])), n)
             g_loss = g_loss + adv + tc.fm_weight * fm

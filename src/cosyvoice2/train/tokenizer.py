@@ -5,8 +5,10 @@
 Objective: whisper log-mel (16 kHz, 128 bins) -> ``SpeechTokenizerModel`` (the shipped part: convs,
 encoder blocks, projection to 8 dims, FSQ with 3 levels at 25 Hz) -> ``ASRHead`` (up-projection, more
 encoder blocks, linear) -> CTC over the transcript's characters. The ASR head is thrown away at export.
-SpecAugment-style frequency and time masks regularise the encoder. Metrics: CTC loss, how many of the
-6561 codes a batch uses, and the code perplexity (both should grow as the codes start to carry speech).
+SpecAugment-style frequency and time masks regularise the encoder. ``[asr] whisper_init`` starts the
+encoder from a pretrained Whisper encoder (``cosyvoice2.train.whisper_init``), mostly frozen. Metrics:
+CTC loss, how many of the 6561 codes a batch uses, and the code perplexity (both should grow as the
+codes start to carry speech).
 
 Recipe tables: ``[train]`` (``TrainConfig``), ``[model]`` (``SpeechTokenizerConfig``), ``[asr]``
 (``AsrConfig``). The character vocabulary is built from the train split's transcripts on the first run
@@ -61,6 +63,12 @@ class AsrConfig:
     # over the batch's frames keeps the values spread across the levels; it is zero once they are.
     spread_min: float = 0.3
     spread_weight: float = 1.0
+    # Start the encoder from a pretrained Whisper encoder (cosyvoice2.train.whisper_init): "" (no),
+    # "tiny.en" (the eval extra's Whisper tiny.en) or a CTranslate2 model.bin. The [model] table's encoder
+    # sizes are then Whisper's; only the last ``train_blocks`` encoder blocks, the final norm, the
+    # projection into the quantiser and the ASR head train (the stem and earlier blocks stay frozen).
+    whisper_init: str = ""
+    train_blocks: int = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,12 +161,23 @@ def spec_augment(feats: Tensor, lens: Tensor, asr: AsrConfig) -> Tensor:
 
 
 class TokenizerObjective(nn.Module):
-    def __init__(self, cfg: SpeechTokenizerConfig, asr: AsrConfig, vocab_size: int) -> None:
+    def __init__(
+        self,
+        cfg: SpeechTokenizerConfig,
+        asr: AsrConfig,
+        vocab_size: int,
+        init: dict[str, Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.asr_cfg = asr
         self.net = SpeechTokenizerModel(cfg)
         self.net.fsq.noise_prob = asr.fsq_noise_prob
         self.asr = AsrHead(cfg, asr, vocab_size)
+        if init is not None:  # a pretrained encoder: load it, freeze all but its last blocks
+            self.net.load_state_dict(init, strict=False)
+            frozen = [self.net.conv1, self.net.conv2, *self.net.blocks[: cfg.n_blocks - asr.train_blocks]]
+            for module in frozen:
+                module.requires_grad_(False)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         feats, feat_lens = batch["feats"], batch["feat_lens"]
@@ -227,9 +246,24 @@ def vocab_for(out_dir: Path, utts: list[Utt], d: Dist) -> list[str]:
     return broadcast_object(vocab, d)
 
 
+def whisper_init(model_cfg: SpeechTokenizerConfig, asr: AsrConfig):
+    """(model config, initial weights) for ``asr.whisper_init`` (see AsrConfig)."""
+    from .whisper_init import default_whisper_path, read_ct2, whisper_config, whisper_state
+
+    if not asr.whisper_init:
+        return model_cfg, None
+    path = default_whisper_path() if asr.whisper_init == "tiny.en" else Path(asr.whisper_init)
+    ct2 = read_ct2(path)
+    model_cfg = dataclasses.replace(whisper_config(ct2, model_cfg), dropout=0.0)  # Whisper has none
+    if not 0 <= asr.train_blocks <= model_cfg.n_blocks:
+        raise ValueError(f"[asr] train_blocks must be in 0..{model_cfg.n_blocks}, got {asr.train_blocks}")
+    return model_cfg, whisper_state(ct2, model_cfg)
+
+
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     model_cfg = config_from_dict(SpeechTokenizerConfig, recipe.get("model", {}), "[model]")
     asr = config_from_dict(AsrConfig, recipe.get("asr", {}), "[asr]")
+    model_cfg, init = whisper_init(model_cfg, asr)
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, min(cfg.max_seconds, model_cfg.max_seconds))
     vocab = vocab_for(Path(cfg.out_dir), utts, d)
     index = {c: i for i, c in enumerate(vocab)}
@@ -237,7 +271,7 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     load = load_item(model_cfg.n_mels, index)
     return Task(
         name="tokenizer",
-        objective=TokenizerObjective(model_cfg, asr, len(vocab)),
+        objective=TokenizerObjective(model_cfg, asr, len(vocab), init),
         dataset=UttDataset(utts, load),
         lengths=[u.duration for u in utts],
         collate=collate,
