@@ -98,6 +98,31 @@ def as_batch(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).unsqueeze(0)
 
 
+def test_griffin_lim_inverts_the_flow_mel():
+    """The analysis vocoder: a harmonic signal's mel comes back with the right length and, after level
+    matching, within 25 % spectral convergence of the original mel (phase retrieval halves the error of
+    random phases: measured 0.41 with no iterations, 0.21 with 32)."""
+    import math
+
+    from cosyvoice2.audio import griffin_lim
+
+    t = torch.arange(RATES.sample_rate) / RATES.sample_rate
+    x = sum(torch.sin(2 * math.pi * 200 * k * t) / k for k in range(1, 12)) * (
+        0.2 + 0.8 * torch.sin(math.pi * t)
+    )
+    mel = prompt_mel(0.3 * x / x.abs().max())[0].T  # [80, 50]
+
+    def convergence(y: torch.Tensor) -> float:
+        a, b = mel.exp(), prompt_mel(y)[0].T.exp()
+        c = (a * b).sum() / (b * b).sum()
+        return float(torch.linalg.norm(a - c * b) / torch.linalg.norm(a))
+
+    y = griffin_lim(mel)
+    assert y.shape == (mel.shape[1] * RATES.hop_length,) and abs(float(y.abs().max()) - 0.5) < 1e-6
+    assert convergence(y) < 0.25 and convergence(y) < 0.7 * convergence(griffin_lim(mel, iters=0))
+    assert torch.equal(griffin_lim(mel, seed=3), griffin_lim(mel, seed=3))
+
+
 def test_load_audio_is_bit_exact_at_native_rate(e2e):
     root, _ = e2e
     for name in ("prompt_24k.wav", "prompt_16k.wav", "source_16k.wav"):

@@ -361,6 +361,34 @@ def prompt_mel(wav: Tensor, spec: MelSpec = FLOW_MEL) -> Tensor:
     return torch.log(torch.clamp(mel, min=spec.log_floor)).transpose(1, 2)
 
 
+def griffin_lim(mel: Tensor, spec: MelSpec = FLOW_MEL, iters: int = 32, seed: int = 0) -> Tensor:
+    """An analysis vocoder: natural-log mel [M, T] (``prompt_mel``'s, transposed) -> audio [T * hop].
+
+    The magnitude comes back through the mel bank's pseudo-inverse and its phase from ``iters`` rounds of
+    Griffin-Lim. It is slow and sounds phasey, but it has no trained weights, so it tells whether a mel
+    carries the words (``cosyvoice2 eval --resynth``) independently of how well the vocoder is trained.
+    The output is peak-normalised to 0.5 (its level is not meaningful).
+    """
+    bank = _slaney_bank_tensor(spec.sample_rate, spec.n_fft, spec.n_mels, spec.fmin, spec.fmax)
+    mag = (torch.linalg.pinv(bank) @ mel.float().exp()).clamp(min=1e-5)  # [F, T]
+    window = _hann(spec.win_length, True)
+    n = mag.shape[1] * spec.hop_length
+    phase = 2 * math.pi * torch.rand(mag.shape, generator=torch.Generator().manual_seed(seed))
+
+    def synth(phase: Tensor) -> Tensor:
+        return torch.istft(torch.polar(mag, phase), spec.n_fft, spec.hop_length, spec.win_length, window)
+
+    for _ in range(iters):
+        stft = torch.stft(
+            synth(phase), spec.n_fft, spec.hop_length, spec.win_length, window, return_complex=True
+        )
+        stft = stft[:, : mag.shape[1]]
+        phase = F.pad(stft.angle(), (0, mag.shape[1] - stft.shape[1]))
+    y = synth(phase)
+    y = F.pad(y, (0, max(0, n - y.shape[0])))[:n]
+    return 0.5 * y / y.abs().max().clamp(min=1e-6)
+
+
 @dataclass(frozen=True)
 class WhisperMelSpec:
     """openai-whisper ``log_mel_spectrogram`` settings (25 ms window, 10 ms hop at 16 kHz)."""

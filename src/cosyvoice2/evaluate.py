@@ -629,7 +629,9 @@ def make_plan(
     turn; the prompt is a random utterance of that speaker in the target's language with another text.
     ``resynth``: per teacher utterance also "resynth_vocoder" (its mel through the model's vocoder) and
     "resynth_tokens" (its speech tokens through the flow and vocoder, i.e. voice conversion into the
-    sentence's built-in voice): the ceilings that the vocoder, and tokenizer + flow, put on the model.
+    sentence's built-in voice): the ceilings that the vocoder, and tokenizer + flow, put on the model;
+    and the same mels, and the built-in voice's synthesised mel ("builtin_griffin_lim"), vocoded by
+    Griffin-Lim (``audio.griffin_lim``, no trained weights): what the mel carries, whatever the vocoder.
     """
     voices = list(voices or [])
     heldout = [u for u in corpus if u.split in (HELDOUT_SPLIT, HELDOUT_SPEAKER_SPLIT)]
@@ -645,7 +647,7 @@ def make_plan(
         available[lang] = len(texts)
         random.Random(f"{seed}:{lang}").shuffle(texts)
         sentences[lang] = texts[:max_sentences]
-    index = {"teacher": 0, "builtin": 0, "zero_shot": 0, "resynth_vocoder": 0, "resynth_tokens": 0}
+    index = dict.fromkeys(CONDITIONS, 0)
 
     def add(condition: str, lang: str, text: str, **kw) -> Item:
         item = Item(condition, lang, text, seed + index[condition], **kw)
@@ -664,8 +666,11 @@ def make_plan(
                 add("builtin", lang, text, voice=voice)
             if resynth:
                 add("resynth_vocoder", lang, text, source=teacher)
+                add("resynth_griffin_lim", lang, text, source=teacher)
                 if voice is not None:
                     add("resynth_tokens", lang, text, voice=voice, source=teacher)
+                    add("resynth_tokens_griffin_lim", lang, text, voice=voice, source=teacher)
+                    add("builtin_griffin_lim", lang, text, voice=voice)
         turn, rng = 0, random.Random(f"{seed}:{lang}:prompts")
         for text in texts:
             for _ in range(len(speakers)):
@@ -704,8 +709,11 @@ def make_plan(
 CONDITIONS = (
     "teacher",
     "resynth_vocoder",
+    "resynth_griffin_lim",
     "resynth_tokens",
+    "resynth_tokens_griffin_lim",
     "builtin",
+    "builtin_griffin_lim",
     "zero_shot",
     "teacher_zero_shot",
     "builtin_stream",
@@ -747,21 +755,39 @@ class Evaluator:
         return self._voices[key]
 
     def _resynthesize(self, item: Item) -> np.ndarray:
+        """The analysis conditions of ``make_plan(resynth=True)``."""
         import torch
 
-        from .audio import load_audio, prompt_mel
+        from .audio import griffin_lim, load_audio, prompt_mel
+        from .synthesis import Request, RequestTrace
 
-        sr = self.tts.sample_rate
-        wav = load_audio(item.source.audio, sr, check_silence=False)
-        if item.condition == "resynth_tokens":
-            return self.tts.convert(wav, item.voice, seed=item.seed, src_rate=sr)
-        mel = prompt_mel(torch.from_numpy(wav)).transpose(1, 2)  # [1, 80, T]
-        g = torch.Generator().manual_seed(item.seed)
-        return self.tts.models.hift.inference(mel.contiguous(), generator=g)[0][0].numpy()
+        tts, cond = self.tts, item.condition
+        if cond == "builtin_griffin_lim":  # the model's own tokens and mel, then Griffin-Lim
+            trace = RequestTrace()
+            tts.synthesize(item.text, voice=item.voice, seed=item.seed, trace=trace)
+            prompt = tts.synth._prompt(tts.request(item.text, voice=item.voice))
+            tokens = trace.speech_tokens
+        else:
+            wav = load_audio(item.source.audio, tts.sample_rate, check_silence=False)
+            if cond == "resynth_tokens":
+                return tts.convert(wav, item.voice, seed=item.seed, src_rate=tts.sample_rate)
+            if cond in ("resynth_vocoder", "resynth_griffin_lim"):
+                mel = prompt_mel(torch.from_numpy(wav))[0].T  # [80, T]
+                if cond == "resynth_griffin_lim":
+                    return griffin_lim(mel, seed=item.seed).numpy()
+                g = torch.Generator().manual_seed(item.seed)
+                return tts.models.hift.inference(mel[None].contiguous(), generator=g)[0][0].numpy()
+            source = tts.models.frontend.source_tokens(wav, src_rate=tts.sample_rate)
+            prompt = tts.synth._prompt(Request(source_tokens=source, voice=tts.resolve_voice(item.voice)))
+            tokens = source.reshape(-1).tolist()
+        if not tokens:
+            return np.zeros(0, np.float32)
+        mel = tts.models.flow_inference(tokens, prompt, streaming=False, finalize=True)  # [1, 80, T]
+        return griffin_lim(mel[0], seed=item.seed).numpy()
 
     def _synthesize(self, item: Item) -> tuple[np.ndarray, dict[str, Any]]:
         t0 = time.perf_counter()
-        if item.source is not None:
+        if item.source is not None or item.condition.endswith("_griffin_lim"):
             return self._resynthesize(item), {"synth_s": round(time.perf_counter() - t0, 3)}
         voice = self._voice(item)
         if item.condition.endswith("_stream"):
