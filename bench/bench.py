@@ -284,6 +284,61 @@ def flow_batch_gain(streams: int = 4, tokens: int = 25, steps: int = 3) -> dict:
     }
 
 
+GEMM_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "quantized::linear_dynamic",
+    "aten::convolution_overrideable",
+    "aten::mkldnn_convolution",
+)
+
+
+def op_share() -> dict:
+    """Where eager time goes: the share of self CPU time in GEMM/attention/conv kernels for a full-size LM
+    decode step (batch 1, 120 cached positions) and one offline flow call (encoder and 10 ODE steps of the
+    CFG pair, 3 s prompt + 4 s of speech). The rest (norms, activations, RoPE, copies, dispatch) is what
+    operator fusion (``torch.compile``) could shrink; the GEMM kernels are the same library calls either way.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    models = random_full_size()
+    lm, flow = models.lm, models.flow
+    cache = lm.new_cache(1, 200)
+    out = {}
+    with torch.inference_mode():
+        lm.step(torch.randn(1, 120, lm.cfg.hidden_size) * 0.1, cache, rows=[0])
+        for _ in range(3):
+            lm.decode_step([1], cache)
+        v = random_voice()
+        tokens = torch.randint(0, 6561, (1, 100))
+
+        def flow_call():
+            flow.inference(
+                tokens, v.speech_tokens[None], v.mel[None], v.embedding[None], streaming=False, finalize=True
+            )
+
+        for name, fn, n in (
+            ("lm_decode_step", lambda: lm.decode_step([1], cache), 20),
+            ("flow_offline_4s_10_steps", flow_call, 1),
+        ):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(n):
+                    fn()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+            top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
+            out[name] = {
+                "ms_per_call": round(total / n / 1000, 2),
+                "gemm_attention_conv_share": round(gemm / max(total, 1), 3),
+                "top_ops": {e.key: round(e.self_cpu_time_total / max(total, 1), 3) for e in top},
+            }
+    return out
+
+
 def run_variant(variant: str, quick: bool) -> dict:
     import cosyvoice2
     from cosyvoice2.api import CosyVoice2, speed_up
@@ -303,6 +358,8 @@ def run_variant(variant: str, quick: bool) -> dict:
     else:
         if variant == "flow-batch":
             return out | {"flow_batch": flow_batch_gain()}
+        if variant == "op-share":
+            return out | {"op_share": op_share()}
         models = random_full_size()
         if variant == "int8-quality":
             return out | {"int8_quality": int8_quality(models)}
