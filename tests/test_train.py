@@ -388,10 +388,11 @@ def test_warm_start_copies_matching_tensors(tmp_path):
     torch.save({"model": old.state_dict()}, tmp_path / CKPT_DIR / "step_5.pt")
     (tmp_path / CKPT_DIR / LATEST).write_text("step_5.pt")
     head = new[1].weight.detach().clone()
-    assert warm_start(new, tmp_path) == (2, 4)  # a run folder: its latest checkpoint
+    assert warm_start(tmp_path, model=new) == (2, 4)  # a run folder: its latest checkpoint
     assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[1].weight, head)
+    assert warm_start(tmp_path, model=new, disc=torch.nn.Linear(2, 2)) == (2, 6)  # no "disc" saved
     with pytest.raises(FileNotFoundError):
-        warm_start(new, tmp_path / "missing")
+        warm_start(tmp_path / "missing", model=new)
 
 
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):

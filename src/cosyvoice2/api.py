@@ -134,14 +134,10 @@ class CosyVoice2:
         ``cancel``: cancelling it from another thread stops the work at once; the call then raises
         ``Cancelled``.
         """
-        if schedule is not None:
-            req = self.request(text, voice, instruct, speed, seed, True, schedule, trace=trace)
-        else:
-            req = self.request(text, voice, instruct, speed, seed, trace=trace)
+        streamed = schedule is not None  # the fast path runs as a stream and joins its chunks
+        req = self.request(text, voice, instruct, speed, seed, streamed, schedule, trace=trace)
         chunks = self.engine.run(req, cancel)
-        if schedule is not None:
-            return _checked(_join(chunks), cancel)
-        if progress and isinstance(text, str):
+        if progress and not streamed and isinstance(text, str):
             from tqdm import tqdm
 
             n = len(self.models.frontend.text_pieces(text))

@@ -265,9 +265,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
-def warm_start(model: nn.Module, source: str | Path) -> tuple[int, int]:
-    """Copy the weights of ``source`` (a checkpoint, or a run folder's latest) whose names and shapes match
-    ``model``'s; the rest keep their initialisation. Returns (tensors copied, tensors in model)."""
+def warm_start(source: str | Path, **modules: nn.Module) -> tuple[int, int]:
+    """Copy into each of ``modules`` the weights that ``source`` (a checkpoint, or a run folder's latest)
+    holds under the same keyword ("model", "disc", ...) with matching names and shapes; the rest keep
+    their initialisation. Returns (tensors copied, tensors in the modules)."""
     path = Path(source)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -276,11 +277,14 @@ def warm_start(model: nn.Module, source: str | Path) -> tuple[int, int]:
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
-    theirs = load_checkpoint(path)["model"]
-    mine = model.state_dict()
-    take = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
-    model.load_state_dict(take, strict=False)
-    return len(take), len(mine)
+    ckpt = load_checkpoint(path)
+    copied = total = 0
+    for key, module in modules.items():
+        mine, theirs = module.state_dict(), ckpt.get(key, {})
+        take = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+        module.load_state_dict(take, strict=False)
+        copied, total = copied + len(take), total + len(mine)
+    return copied, total
 
 
 def save_checkpoint(out_dir: Path, payload: dict[str, Any], keep: int) -> Path:
@@ -401,7 +405,7 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
         if d.is_main:
             print(f"[{task.name}] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:
-        n, total = warm_start(model, cfg.init_from)
+        n, total = warm_start(cfg.init_from, model=model)
         if d.is_main:
             print(f"[{task.name}] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
     # No buffer broadcast: nothing here has running statistics, and the flow's fixed noise table is large.

@@ -353,15 +353,9 @@ def train(
         if d.is_main:
             print(f"[hift] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:  # warm start: both networks' weights, fresh optimizers and schedule
-        n_g, total = warm_start(gen, cfg.init_from)
-        init = latest_checkpoint(cfg.init_from) if Path(cfg.init_from).is_dir() else Path(cfg.init_from)
-        theirs = load_checkpoint(init).get("disc", {})
-        mine = disc.state_dict()
-        disc.load_state_dict(
-            {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}, strict=False
-        )
+        n, total = warm_start(cfg.init_from, model=gen, disc=disc)
         if d.is_main:
-            print(f"[hift] started from {cfg.init_from}: {n_g} of {total} generator tensors", file=sys.stderr)
+            print(f"[hift] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
     gen_ddp = DDP(gen, broadcast_buffers=False) if d.distributed else gen
     disc_ddp = DDP(disc, broadcast_buffers=False) if d.distributed else disc
     log = JsonlLog(out_dir / "log.jsonl" if d.is_main else None)

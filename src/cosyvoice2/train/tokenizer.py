@@ -246,7 +246,7 @@ def vocab_for(out_dir: Path, utts: list[Utt], d: Dist) -> list[str]:
     return broadcast_object(vocab, d)
 
 
-def whisper_init(model_cfg: SpeechTokenizerConfig, asr: AsrConfig):
+def whisper_start(model_cfg: SpeechTokenizerConfig, asr: AsrConfig):
     """(model config, initial weights) for ``asr.whisper_init`` (see AsrConfig)."""
     from .whisper_init import default_whisper_path, read_ct2, whisper_config, whisper_state
 
@@ -263,7 +263,7 @@ def whisper_init(model_cfg: SpeechTokenizerConfig, asr: AsrConfig):
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     model_cfg = config_from_dict(SpeechTokenizerConfig, recipe.get("model", {}), "[model]")
     asr = config_from_dict(AsrConfig, recipe.get("asr", {}), "[asr]")
-    model_cfg, init = whisper_init(model_cfg, asr)
+    model_cfg, init = whisper_start(model_cfg, asr)
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, min(cfg.max_seconds, model_cfg.max_seconds))
     vocab = vocab_for(Path(cfg.out_dir), utts, d)
     index = {c: i for i, c in enumerate(vocab)}

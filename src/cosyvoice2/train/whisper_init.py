@@ -17,6 +17,7 @@ u32 byte count, the raw little-endian bytes; aliases follow (ignored). Strings a
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def read_ct2(path: str | Path) -> dict[str, Tensor]:
 
 def whisper_config(ct2: dict[str, Tensor], base: SpeechTokenizerConfig) -> SpeechTokenizerConfig:
     """``base`` with the encoder dimensions of the Whisper model in ``ct2`` (stem, width, mels, blocks)."""
-    import dataclasses
-
     conv1 = ct2["encoder/conv1/weight"]  # [D, M, 3]
     n_blocks = sum(1 for k in ct2 if k.startswith("encoder/layer_") and k.endswith("/ffn/linear_0/weight"))
     ff_dim = ct2["encoder/layer_0/ffn/linear_0/weight"].shape[0]
