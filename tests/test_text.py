@@ -7,6 +7,7 @@ does not have (bad input, long text, streaming).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
@@ -20,12 +21,14 @@ from cosyvoice2.text import (
     COSYVOICE2_SPECIAL_TOKENS,
     FINE_GRAINED_TAGS,
     PIECE_HARD_LIMIT,
+    WETEXT_018,
     StreamingNormalizer,
     TextTokenizer,
     clean_text,
     normalize,
     number_words,
     prepare_text,
+    reorder_tagged,
     warm_up,
 )
 
@@ -44,14 +47,28 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# Our backend for each wetext version the fixture's setups name (``helper_wetext_module``).
+_BACKEND_OF_WETEXT = {"0.0.4": "wetext", "0.1.8": WETEXT_018}
+
+
+def _setup_backend(setup: dict) -> str:
+    """Our backend for one setup of text_normalize.json: rules only, or the wetext version it ran."""
+    module = setup.get("helper_wetext_module")
+    if not module:
+        assert not setup.get("wetext_calls")
+        return "none"
+    name, version = module.split()
+    assert name == "wetext", module
+    return _BACKEND_OF_WETEXT[version]
+
+
 def _normalize_setups(fixtures: Path) -> list[tuple[str, str, dict]]:
-    """(setup name, backend, case) for every case; setups that logged wetext calls ran with wetext."""
+    """(setup name, backend, case) for every case of every setup."""
     data = _json(fixtures / "tokenizer" / "text_normalize.json")
     out = []
     for name, setup in data.items():
         if isinstance(setup, dict) and "cases" in setup:
-            backend = "wetext" if "wetext_calls" in setup else "none"
-            out += [(name, backend, case) for case in setup["cases"]]
+            out += [(name, _setup_backend(setup), case) for case in setup["cases"]]
     return out
 
 
@@ -139,8 +156,9 @@ def test_corrupt_files_raise(tok_dir: Path, tmp_path: Path) -> None:
 
 
 def test_normalize_matches_fixture(fixtures: Path, tokenizer: TextTokenizer) -> None:
+    """Every setup of text_normalize.json against its own backend (rules only, wetext 0.0.4, 0.1.8)."""
     setups = _normalize_setups(fixtures)
-    assert {backend for _, backend, _ in setups} == {"none", "wetext"}
+    assert {"none", "wetext"} <= {backend for _, backend, _ in setups}  # the official pin is covered
     for name, backend, case in setups:
         text = case["text"]
         pieces = normalize(text, split=True, tokenizer=tokenizer, backend=backend)
@@ -150,24 +168,37 @@ def test_normalize_matches_fixture(fixtures: Path, tokenizer: TextTokenizer) -> 
 
 
 def test_wetext_calls_match_log(fixtures: Path) -> None:
-    """Each logged wetext call gives the logged output through our backend (zh iff a CJK character)."""
+    """Each logged wetext call gives the logged output through its setup's backend (zh iff a CJK char)."""
     from cosyvoice2.text import _wetext
 
     data = _json(fixtures / "tokenizer" / "text_normalize.json")
-    setups = [setup for setup in data.values() if isinstance(setup, dict)]
-    calls = [call for setup in setups for call in setup.get("wetext_calls", [])]
-    assert calls
-    for call in calls:
-        lang = "zh" if any("\u4e00" <= c <= "\u9fff" for c in call["in"]) else "en"
-        assert _wetext(call["in"], lang, "wetext", robust=False) == call["out"]
+    setups = [setup for setup in data.values() if isinstance(setup, dict) and setup.get("wetext_calls")]
+    assert setups
+    for setup in setups:
+        backend = _setup_backend(setup)
+        for call in setup["wetext_calls"]:
+            lang = "zh" if any("\u4e00" <= c <= "\u9fff" for c in call["in"]) else "en"
+            assert _wetext(call["in"], lang, backend, robust=False) == call["out"], (backend, call["in"])
 
 
-def test_auto_backend_is_wetext_when_installed(fixtures: Path, tokenizer: TextTokenizer) -> None:
+def test_installed_fsts_are_the_fixture_ones(fixtures: Path) -> None:
+    """Both wetext backends read the FSTs of the installed wetext: the files the fixtures were made with."""
+    from cosyvoice2.text import _wetext_fst_dir
+
+    expected = _json(fixtures / "tokenizer" / "text_normalize.json")["fst_sha256"]
+    assert expected
+    folder = _wetext_fst_dir()
+    for rel, sha in expected.items():
+        assert hashlib.sha256((folder / rel).read_bytes()).hexdigest() == sha, rel
+
+
+def test_auto_backend_is_the_official_pin(fixtures: Path, tokenizer: TextTokenizer) -> None:
     pytest.importorskip("wetext")
-    for _, backend, case in _normalize_setups(fixtures):
-        if backend == "wetext":
-            auto = normalize(case["text"], split=False, tokenizer=tokenizer, backend="auto")
-            assert auto == case["nosplit"]
+    cases = [case for _, backend, case in _normalize_setups(fixtures) if backend == "wetext"]
+    assert cases
+    for case in cases:
+        auto = normalize(case["text"], split=True, tokenizer=tokenizer, backend="auto")
+        assert auto == case["split"], case["text"]
 
 
 def test_normalize_bad_arguments(tokenizer: TextTokenizer) -> None:
@@ -186,16 +217,18 @@ def test_warm_up() -> None:
         warm_up("bogus")  # type: ignore[arg-type]
     pytest.importorskip("wetext")
     warm_up("wetext")
+    warm_up(WETEXT_018)
 
 
 def test_wetext_normalizers_shared_across_threads(fixtures: Path, tokenizer: TextTokenizer) -> None:
     pytest.importorskip("wetext")
-    cases = [case for _, backend, case in _normalize_setups(fixtures) if backend == "wetext"]
+    cases = [(backend, case) for _, backend, case in _normalize_setups(fixtures) if backend != "none"]
+    assert cases
     results: list[bool] = []
 
     def work() -> None:
-        for case in cases:
-            out = normalize(case["text"], split=False, tokenizer=tokenizer, backend="wetext")
+        for backend, case in cases:
+            out = normalize(case["text"], split=False, tokenizer=tokenizer, backend=backend)
             results.append(out == case["nosplit"])
 
     threads = [threading.Thread(target=work) for _ in range(3)]
@@ -203,7 +236,86 @@ def test_wetext_normalizers_shared_across_threads(fixtures: Path, tokenizer: Tex
         t.start()
     for t in threads:
         t.join()
-    assert results and all(results)
+    assert len(results) == 3 * len(cases) and all(results)
+
+
+# -- wetext 0.0.4 (the official pin) vs 0.1.8 ------------------------------------------------------------
+# Every expected string below was checked against the wetext 0.0.4 wheel's code (on the FSTs bundled in
+# 0.1.8, like the fixtures' wetext_004 setup) and against wetext 0.1.8, each behind the official frontend.
+
+
+def test_pin_leaves_english_without_digits_alone(tokenizer: TextTokenizer) -> None:
+    """0.0.4 only rewrites text with a digit; 0.1.8 rewrites every English text (abbreviations, symbols)."""
+    pytest.importorskip("wetext")
+    text = "Mr. Smith & Dr. Jones met in the U.S. at last."
+    assert normalize(text, split=False, tokenizer=tokenizer, backend="wetext") == text
+    assert (
+        normalize(text, split=False, tokenizer=tokenizer, backend=WETEXT_018)
+        == "Mister Smith and doctor Jones met in the US at last."
+    )
+    # "Mr." keeps its full stop under the pin, so the sentence may be cut after it (here it is: the part
+    # before it is over the merge's minimum); 0.1.8's "Mister" leaves one sentence.
+    text = (
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, whatever "
+        "his feelings or views may be on his first entering a new neighbourhood, is considered by all the "
+        "good families around him as the rightful property of some one or other of their many daughters, "
+        "said my dear Mr. Bennet to his lady one fine morning, who had heard that Netherfield Park was let "
+        "at last to a young man of large fortune from the north of England."
+    )
+    pinned = normalize(text, tokenizer=tokenizer, backend="wetext")
+    assert pinned == normalize(text, tokenizer=tokenizer, backend="none")
+    assert len(pinned) == 2 and pinned[0].endswith("Mr.")
+    assert normalize(text, tokenizer=tokenizer, backend=WETEXT_018) == [text.replace("Mr.", "Mister")]
+    assert prepare_text(text, tokenizer=tokenizer, backend="wetext") == pinned
+
+
+def test_pin_reads_digits_only_text_as_english(tokenizer: TextTokenizer) -> None:
+    """In the English branch, 0.1.8's lang='auto' sends text made only of digits to the Chinese FSTs."""
+    pytest.importorskip("wetext")
+    assert normalize("2024", split=False, tokenizer=tokenizer, backend="wetext") == "twenty twenty four"
+    assert normalize("2024", split=False, tokenizer=tokenizer, backend=WETEXT_018) == "两千零二十四"
+
+
+def test_pin_does_not_escape_quotes_and_backslashes(tokenizer: TextTokenizer) -> None:
+    """0.1.8 escapes tagged values twice, so its output carries backslashes; 0.0.4's does not."""
+    pytest.importorskip("wetext")
+    cases = {
+        'He said "yes" 3 times.': ('He said "yes" three times.', 'He said \\"yes\\" three times.'),
+        "Use a\\b for 2 paths.": ("Use a\\b for two paths.", "Use a\\\\b for two paths."),
+        '他说"你好"3次。': ('他说"你好"三次。', '他说\\"你好\\"三次。'),
+    }
+    for text, (pinned, newer) in cases.items():
+        assert normalize(text, split=False, tokenizer=tokenizer, backend="wetext") == pinned
+        assert normalize(text, split=False, tokenizer=tokenizer, backend=WETEXT_018) == newer
+        # prepare_text undoes 0.1.8's escaping: both backends give the pinned text.
+        for backend in ("wetext", WETEXT_018):
+            assert prepare_text(text, tokenizer=tokenizer, backend=backend) == [pinned]
+
+
+def test_pin_reorder_drops_fields_outside_the_canonical_order() -> None:
+    """0.0.4 keeps only the fields a token's canonical order names (0.1.8 would append the others)."""
+    tagged = 'money { currency_maj: "$" integer_part: "5" note: "x" } w { v: "a\\"b" k: "1" }'
+    assert (
+        reorder_tagged(tagged, "en")
+        == 'money { integer_part: "5" currency_maj: "$" } w { v: "a\\"b" k: "1" }'
+    )
+    kept = 'date { preserve_order: "true" year: "2024" day: "5" other: "y" }'
+    assert reorder_tagged(kept, "en") == kept
+    assert reorder_tagged('time { minute: "30" hour: "10" }', "zh") == 'time { hour: "10" minute: "30" }'
+    with pytest.raises(ValueError):
+        reorder_tagged('money { integer_part: "5"', "en")
+
+
+def test_text_the_tagger_cannot_read_is_kept(tokenizer: TextTokenizer) -> None:
+    """Two spaces in a row defeat the English tagger: official wetext raises (0.1.8 even without a digit);
+    both backends keep the text, and the rules still spell out the digits."""
+    pytest.importorskip("wetext")
+    for backend in ("wetext", WETEXT_018):
+        assert (
+            normalize("Hello   world.", split=False, tokenizer=tokenizer, backend=backend) == "Hello   world."
+        )
+        out = normalize("I have  3 apples.", split=False, tokenizer=tokenizer, backend=backend)
+        assert out == "I have  three apples."
 
 
 # -- number spelling ---------------------------------------------------------------------------------------
@@ -253,8 +365,8 @@ def test_prepare_text_equals_official_on_ordinary_text(fixtures: Path, tokenizer
         text = case["text"]
         if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\t\n" for c in text):
             continue  # we strip control characters; the official code does not
-        if backend == "wetext" and ('"' in text or "\\" in text):
-            continue  # we undo wetext's backslash escaping; the official code does not
+        if backend == WETEXT_018 and ('"' in text or "\\" in text):
+            continue  # we undo wetext 0.1.8's backslash escaping; the official code does not
         expected = [p for p in case["split"] if any(c.isalnum() for c in p)]
         if not expected:
             with pytest.raises(InputError):

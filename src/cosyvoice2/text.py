@@ -7,7 +7,8 @@ The file reads in four parts:
    specials appended in the official order so every id matches (SPEC §3.3).
 2. ``normalize``: the official ``text_normalize`` reproduced rule for rule (SPEC §3.2): the ``<|…|>``
    switch, the Chinese and the non-Chinese branch, ``split_paragraph`` and the punctuation-only filter.
-   The optional wetext backend only rewrites text that contains a digit, as wetext 0.0.4's ``lang='auto'``.
+   The wetext backend reproduces the official pin, wetext 0.0.4 (it only rewrites text that contains a
+   digit); wetext 0.1.8's own behaviour can be chosen instead.
 3. ``prepare_text``: what the engine calls on user text. Same results as ``normalize`` on ordinary input,
    plus what the official code lacks: clear errors, control characters removed, tags kept whole, and
    over-long sentences cut so that no piece outgrows the limits of the official merge.
@@ -19,6 +20,8 @@ Lengths: Chinese text is measured in characters, other text in Qwen tokens (as t
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import os
@@ -229,8 +232,8 @@ def _add_base_tokens(tk: Tokenizer, config: dict[str, Any], path: Path) -> None:
 # 2. Official normalisation (SPEC §3.2)
 # ----------------------------------------------------------------------------------------------------------
 
-Backend = Literal["auto", "wetext", "none"]
-_BACKENDS = ("auto", "wetext", "none")
+Backend = Literal["auto", "wetext", "wetext-0.1.8", "none"]
+_BACKENDS = ("auto", "wetext", "wetext-0.1.8", "none")
 
 # split_paragraph's limits (token_max_n, token_min_n, merge_len): a piece is flushed once it is longer than
 # PIECE_MIN_LEN and adding the next sentence would make it longer than PIECE_MAX_LEN; a last piece shorter
@@ -268,8 +271,9 @@ def normalize(
 ) -> list[str] | str:
     """The official ``text_normalize``: a list of pieces to synthesise (``split``) or the normalised string.
 
-    ``backend``: "wetext" (wetext's normalisers for text containing a digit), "none" (rules only) or "auto"
-    (wetext if it can be imported). Splitting non-Chinese text needs ``tokenizer`` (lengths are token counts).
+    ``backend``: "wetext" (the official pin, wetext 0.0.4, run on the FSTs of the installed wetext),
+    "wetext-0.1.8" (the installed wetext 0.1.8 itself), "none" (rules only) or "auto" ("wetext" if its FSTs
+    can be loaded, else "none"). Splitting non-Chinese text needs ``tokenizer`` (lengths are token counts).
     """
     if not isinstance(text, str):
         raise InputError(f"text must be a string, got {type(text).__name__}")
@@ -482,77 +486,212 @@ def _chunks(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-# -- wetext backend ----------------------------------------------------------------------------------------
+# -- wetext backends ---------------------------------------------------------------------------------------
+#
+# The official frontend pins wetext 0.0.4: backend "wetext". Its Normalizer is small: for text with a digit
+# it runs the language's tagger FST, puts the tagged fields in a fixed order and runs the verbalizer FST;
+# other text comes back untouched. That processing is reproduced below and run on the FST files bundled
+# with the installed wetext package (0.0.4 itself downloads its FSTs from ModelScope at run time; the
+# fixtures' ``wetext_004`` setup was made as here). Backend "wetext-0.1.8" calls the installed wetext 0.1.8,
+# constructed as the official frontend constructs it. Where the two differ (tests/test_text.py pins each):
+#  * English text without a digit: 0.0.4 leaves it alone; 0.1.8 runs the FSTs on every English text,
+#    which rewrites abbreviations and symbols ("Mr." -> "Mister", "&" -> "and", "U.S." -> "US"), and so
+#    also changes where split_paragraph cuts sentences.
+#  * Text made only of digits (English branch): 0.1.8's lang="auto" reads it as Chinese.
+#  * Quotes and backslashes: 0.1.8 escapes the tagged values a second time, so '"' comes out as '\"' and
+#    '\' as '\\'; 0.0.4 gives them back as written.
+#  * Reordering the tagged fields: 0.0.4 drops a field that the token's canonical order does not name;
+#    0.1.8 appends it.
+#  * Text the English tagger cannot read (two spaces in a row) makes both raise, 0.1.8 even without a
+#    digit. Both backends here return such text unchanged instead.
 
-# wetext loads all its FSTs on import (about a second): import it on first use only, once per process.
+WETEXT_018 = "wetext-0.1.8"
+
+# wetext's canonical field order for text normalisation, per token name (identical in 0.0.4 and 0.1.8).
+_TN_FIELD_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "zh": {
+        "date": ("year", "month", "day"),
+        "fraction": ("denominator", "numerator"),
+        "measure": ("denominator", "numerator", "value"),
+        "money": ("value", "currency"),
+        "time": ("noon", "hour", "minute", "second"),
+    },
+    "en": {
+        "date": ("preserve_order", "text", "day", "month", "year"),
+        "money": ("integer_part", "fractional_part", "quantity", "currency_maj"),
+    },
+}
+_TAGGED_NAME_RE = re.compile(r" *([A-Za-z_]+) *\{")
+_TAGGED_FIELD_RE = re.compile(r' *([A-Za-z_]+): *"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_TAGGED_END_RE = re.compile(r" *\}")
+
+
+def reorder_tagged(tagged: str, lang: str) -> str:
+    """wetext 0.0.4's reordering of tagger output (``name { key: "value" ... } ...``) for the verbalizer.
+
+    A token with a canonical order gets exactly the fields that order names, in that order, unless it
+    carries ``preserve_order: "true"``; other tokens keep theirs. Values keep their escapes as written.
+    ValueError if ``tagged`` is not tagger output.
+    """
+    orders = _TN_FIELD_ORDER[lang]
+    tokens = []
+    pos = 0
+    while tagged[pos:].strip(" "):
+        name = _TAGGED_NAME_RE.match(tagged, pos)
+        if name is None:
+            raise ValueError(f"not wetext tagger output at {pos}: {tagged!r}")
+        pos = name.end()
+        keys: list[str] = []
+        values: dict[str, str] = {}
+        while field := _TAGGED_FIELD_RE.match(tagged, pos):
+            keys.append(field.group(1))
+            values[field.group(1)] = field.group(2)
+            pos = field.end()
+        end = _TAGGED_END_RE.match(tagged, pos)
+        if end is None:
+            raise ValueError(f"unterminated token at {pos}: {tagged!r}")
+        pos = end.end()
+        if name.group(1) in orders and values.get("preserve_order") != "true":
+            keys = [k for k in orders[name.group(1)] if k in values]
+        tokens.append(name.group(1) + " {" + "".join(f' {k}: "{values[k]}"' for k in keys) + " }")
+    return " ".join(tokens)
+
+
+class _PinnedWetext:
+    """wetext 0.0.4's ``Normalizer`` for one branch of the official frontend, on the given FST folder."""
+
+    escapes = False  # its output carries no escaping of its own
+
+    def __init__(self, fst_dir: Path, lang: str) -> None:
+        import kaldifst
+
+        self.lang = lang
+        # The official zh normaliser passes remove_erhua=False: the plain verbalizer.
+        self._tagger = kaldifst.TextNormalizer(str(fst_dir / lang / "tn" / "tagger.fst"))
+        self._verbalizer = kaldifst.TextNormalizer(str(fst_dir / lang / "tn" / "verbalizer.fst"))
+
+    def fst_lang(self, text: str) -> str | None:
+        """FST language for ``text`` (0.0.4's lang="auto": the branch's), or None: text left unchanged."""
+        return self.lang if _has_digit(text) else None
+
+    def run(self, text: str, fst_lang: str) -> str:
+        tagged = self._tagger.normalize(text)
+        try:
+            reordered = reorder_tagged(tagged, self.lang)
+        except ValueError:
+            reordered = ""
+        if not reordered:  # the tagger found no reading; wetext 0.0.4 raises an AssertionError here
+            return text
+        return self._verbalizer.normalize(reordered) or text
+
+
+class _Wetext018:
+    """The installed wetext 0.1.8, built as the official frontend builds its two normalisers."""
+
+    escapes = True  # '"' and '\' come out backslash-escaped
+
+    def __init__(self, lang: str) -> None:
+        version = importlib.metadata.version("wetext")
+        if version != "0.1.8":
+            raise ModuleNotFoundError(f"this backend needs wetext 0.1.8; wetext {version} is installed")
+        import wetext
+
+        self._normalizer = wetext.Normalizer(remove_erhua=False) if lang == "zh" else wetext.Normalizer()
+
+    def fst_lang(self, text: str) -> str | None:
+        # 0.1.8's lang="auto": Chinese for a CJK character or digits only; every English text is normalised.
+        text = text.strip()
+        lang = "zh" if _has_chinese(text) or text.isdigit() else "en"
+        return lang if lang == "en" or _has_digit(text) else None
+
+    def run(self, text: str, fst_lang: str) -> str:
+        # The language is given so that every chunk of a long text is read as the whole text would be.
+        try:
+            return self._normalizer.normalize(text, lang=fst_lang)
+        except AssertionError:  # its token parser asserts on an empty tagging: the tagger found no reading
+            return text
+
+
+def _wetext_fst_dir() -> Path:
+    """The FST folder bundled with the installed wetext package, found without importing it."""
+    spec = importlib.util.find_spec("wetext")
+    if spec is None:
+        raise ModuleNotFoundError("wetext is not installed")
+    names = [f"{lang}/tn/{name}.fst" for lang in ("en", "zh") for name in ("tagger", "verbalizer")]
+    for location in spec.submodule_search_locations or []:
+        folder = Path(location) / "fsts"
+        if all((folder / name).is_file() for name in names):
+            return folder
+    raise FileNotFoundError("the installed wetext bundles no FST files (wetext 0.1.8 does)")
+
+
+# Normalisers are built on first use only, once per process (loading the FSTs takes about a second).
 _wetext_lock = threading.Lock()
-_wetext_normalizers: dict[str, Any] = {}
-_wetext_error: list[str] = []  # why wetext could not be loaded (empty while untried or loaded)
+_wetext_normalizers: dict[tuple[str, str], Any] = {}
+_wetext_errors: dict[str, str] = {}  # why a backend could not be loaded
 _WETEXT_CHUNK_CHARS = 200
 
 
-def _wetext_normalizer(lang: str, required: bool) -> Any | None:
+def _wetext_normalizer(backend: str, lang: str) -> Any | None:
+    """The normaliser of one branch ("zh" or "en"); None when "auto" finds wetext unusable."""
+    kind = WETEXT_018 if backend == WETEXT_018 else "wetext"
     with _wetext_lock:
-        if lang not in _wetext_normalizers and not _wetext_error:
+        if (kind, lang) not in _wetext_normalizers and kind not in _wetext_errors:
             try:
-                import wetext
-
-                # Explicit lang reproduces 0.0.4's 'auto' choice (zh iff a CJK char, which the zh branch has);
-                # 0.1.8's own 'auto' would also send pure-digit text to zh.
-                kwargs = {"remove_erhua": False} if lang == "zh" else {}
-                _wetext_normalizers[lang] = wetext.Normalizer(lang=lang, operator="tn", **kwargs)
-            except Exception as exc:  # ImportError, or a broken kaldifst/FST install
-                _wetext_error.append(f"{type(exc).__name__}: {exc}")
-        normalizer = _wetext_normalizers.get(lang)
-    if normalizer is None and required:
-        raise ModelLoadError(f"text normalisation backend 'wetext' is not usable: {_wetext_error[0]}")
+                made = _Wetext018(lang) if kind == WETEXT_018 else _PinnedWetext(_wetext_fst_dir(), lang)
+                _wetext_normalizers[kind, lang] = made
+            except Exception as exc:  # ImportError, missing or broken FST files
+                _wetext_errors[kind] = f"{type(exc).__name__}: {exc}"
+        normalizer = _wetext_normalizers.get((kind, lang))
+    if normalizer is None and backend != "auto":
+        raise ModelLoadError(f"text normalisation backend {kind!r} is not usable: {_wetext_errors[kind]}")
     return normalizer
 
 
 def warm_up(backend: Backend = "auto") -> None:
-    """Load the wetext normalisers now (about a second) rather than on the first text with a digit."""
+    """Load the wetext normalisers now (about a second) rather than on the first text that needs them."""
     _check_backend(backend)
     if backend != "none":
         for lang in ("zh", "en"):
-            _wetext_normalizer(lang, required=backend == "wetext")
+            _wetext_normalizer(backend, lang)
 
 
 def _wetext(text: str, lang: str, backend: str, robust: bool) -> str:
-    # wetext 0.0.4 with lang='auto' returns text without a digit unchanged; spare the FST call.
-    if backend == "none" or not _has_digit(text):
+    """The branch's wetext normaliser on ``text`` (one branch: "zh" or "en"), or ``text`` without one."""
+    if backend == "none":
         return text
-    normalizer = _wetext_normalizer(lang, required=backend == "wetext")
-    if normalizer is None:
+    normalizer = _wetext_normalizer(backend, lang)
+    # Whether and how wetext rewrites is decided on the whole text (0.0.4: only text with a digit).
+    fst_lang = None if normalizer is None else normalizer.fst_lang(text)
+    if fst_lang is None:
         return text
     if not robust:
-        return _wetext_call(normalizer, text)
+        return _wetext_call(normalizer, text, fst_lang)
     # The FSTs slow down faster than linearly with length: long text goes through in sentence-sized chunks
     # (ordinary text is one chunk). wetext strips its output, so the spaces between chunks are put back.
     return "".join(
-        _keep_spaces(chunk, lambda t: _wetext_keep_tags(normalizer, t))
+        _keep_spaces(chunk, lambda t: _wetext_keep_tags(normalizer, t, fst_lang))
         for chunk in _chunks(text, _WETEXT_CHUNK_CHARS)
     )
 
 
-def _wetext_call(normalizer: Any, text: str, unescape: bool = False) -> str:
-    if not _has_digit(text):
-        return text
+def _wetext_call(normalizer: Any, text: str, fst_lang: str, unescape: bool = False) -> str:
     with _wetext_lock:  # kaldifst makes no thread-safety promise
-        out = normalizer.normalize(text)
-    # wetext leaves its FST escaping in the output ('"' -> '\"', '\' -> '\\'); the official code keeps it,
+        out = normalizer.run(text, fst_lang)
+    # wetext 0.1.8 leaves its escaping in the output ('"' -> '\"', '\' -> '\\'); the official code keeps it,
     # prepare_text undoes it so the LLM never sees stray backslashes.
-    return re.sub(r'\\(["\\])', r"\1", out) if unescape else out
+    return re.sub(r'\\(["\\])', r"\1", out) if unescape and normalizer.escapes else out
 
 
-def _wetext_keep_tags(normalizer: Any, text: str) -> str:
-    out = _wetext_call(normalizer, text, unescape=True)
+def _wetext_keep_tags(normalizer: Any, text: str, fst_lang: str) -> str:
+    out = _wetext_call(normalizer, text, fst_lang, unescape=True)
     if _TAG_RE.findall(out) == _TAG_RE.findall(text):
         return out
     # The FSTs rewrote a tag (e.g. read "<" as a word): normalise only the text between the tags.
     parts = _TAG_RE.split(text)
     tags = [*_TAG_RE.findall(text), ""]
     return "".join(
-        _keep_spaces(part, lambda t: _wetext_call(normalizer, t, unescape=True)) + tag
+        _keep_spaces(part, lambda t: _wetext_call(normalizer, t, fst_lang, unescape=True)) + tag
         for part, tag in zip(parts, tags)
     )
 
