@@ -60,6 +60,7 @@ class TrainConfig:
     corpus: str = "data/corpus"
     cache: str = "exp/cache"
     splits: tuple[str, ...] = ("train",)
+    utts: tuple[str, ...] = ()  # only these utterance ids (single-utterance overfit checks); () = all
     device: str = "auto"  # auto: cuda when available
     seed: int = 1234
     max_steps: int = 10_000

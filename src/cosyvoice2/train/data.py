@@ -54,8 +54,13 @@ def read_manifest(
     splits: Sequence[str] | None = ("train",),
     min_seconds: float = 0.0,
     max_seconds: float = float("inf"),
+    ids: Sequence[str] | None = None,
 ) -> list[Utt]:
-    """Manifest rows of the given splits (None: all) within the duration limits, in file order."""
+    """Manifest rows of the given splits (None: all) within the duration limits, in file order.
+
+    ``ids`` keeps only these utterances (the single-utterance overfit checks of recipes/README.md); an id
+    that is not in the manifest, or not in ``splits``, is an error rather than a silently empty run.
+    """
     root = Path(corpus)
     path = root / MANIFEST
     if not path.is_file():
@@ -67,6 +72,8 @@ def read_manifest(
                 continue
             row = json.loads(line)
             if splits is not None and row.get("split", "train") not in splits:
+                continue
+            if ids and str(row["id"]) not in ids:
                 continue
             dur = float(row["duration"])
             if not (min_seconds <= dur <= max_seconds):
@@ -82,6 +89,11 @@ def read_manifest(
                     str(row.get("split", "train")),
                 )
             )
+    if ids:
+        missing = sorted(set(ids) - {u.id for u in out})
+        if missing:
+            where = f"{path} (splits {splits}, {min_seconds}-{max_seconds} s)"
+            raise ValueError(f"utterances not in {where}: {missing}")
     return out
 
 

@@ -141,7 +141,8 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
         emb = {u.id: means[u.speaker] for u in all_utts if u.speaker in means}
     else:
         emb = FeatureCache(cfg.cache, "embeddings").load()
-    utts = _usable(read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds), tokens, emb)
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
+    utts = _usable(utts, tokens, emb)
     dev = (
         _usable(read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds), tokens, emb)
         if cfg.eval_every

@@ -95,6 +95,22 @@ class HiftTrainConfig:
     # formants (measured on the first CPU build: Whisper could not read its copy-synthesis, WER 98 %).
     stft_weight: float = 0.0
     stft_resolutions: tuple[tuple[int, int, int], ...] = ((512, 120, 480), (1024, 240, 960), (256, 50, 200))
+    # The f0 predictor outputs Hz straight from a Linear, so at a GAN-sized Adam learning rate its output
+    # moves slowly (a weight moves ~lr per step). Build 1 (2150 steps at 2e-4, mel loss only) ended with a
+    # predictor that says ~8 Hz on the voiced frames of a low voice (under the 10 Hz voicing threshold: no
+    # sines at all there) and a decoder that barely used the source (cepstral peak of its copy-synthesis
+    # 0.07 vs 0.17 for the real audio). Hence: a learning-rate multiple for the predictor, its output bias
+    # started at a typical f0, and the option to drive the source by the reference f0 while training.
+    f0_lr_scale: float = 1.0
+    f0_bias_init: float = 0.0  # Hz; 0 keeps PyTorch's default init
+    # Which f0 drives the sine source while training: "predicted" (the official way: the predictor's own,
+    # detached) or "reference" (YIN's f0 of the real audio: the decoder learns to use correct harmonics
+    # from the first step, whatever the predictor's state; inference always uses the predictor).
+    source_f0: str = "predicted"
+
+    def __post_init__(self) -> None:
+        if self.source_f0 not in ("predicted", "reference"):
+            raise ValueError(f"[hift] source_f0 must be 'predicted' or 'reference', got {self.source_f0!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,11 +279,24 @@ class HiftGenerator(nn.Module):
         super().__init__()
         self.net = apply_weight_norm(HiFT(cfg))
 
-    def forward(self, mel: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, mel: Tensor, source_f0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``source_f0`` [B, T] (Hz) drives the sine source instead of the prediction when given."""
         f0 = self.net.f0_predictor(mel)
         # The f0 loss trains the predictor; the source only learns its harmonic mix from the audio losses.
-        source = self.net.source(f0.detach())
+        source = self.net.source(f0.detach() if source_f0 is None else source_f0)
         return self.net.decode(mel, source), f0
+
+
+def _scale_f0_lr(opt: torch.optim.Optimizer, gen: HiftGenerator, cfg: TrainConfig, scale: float):
+    """The same AdamW groups, with the f0 predictor's parameters split into groups at ``scale`` x lr."""
+    f0_ids = {id(p) for p in gen.net.f0_predictor.parameters()}
+    groups = []
+    for g in opt.param_groups:
+        rest = [p for p in g["params"] if id(p) not in f0_ids]
+        f0 = [p for p in g["params"] if id(p) in f0_ids]
+        groups += [{"params": rest, "weight_decay": g["weight_decay"], "lr_scale": 1.0}]
+        groups += [{"params": f0, "weight_decay": g["weight_decay"], "lr_scale": scale}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def log_mel(audio: Tensor) -> Tensor:
@@ -327,10 +356,15 @@ def train(
     out_dir = Path(cfg.out_dir)
     seed_everything(cfg.seed)
     gen, disc = HiftGenerator(model_cfg).to(d.device), Discriminators(tc).to(d.device)
+    if tc.f0_bias_init:
+        with torch.no_grad():
+            gen.net.f0_predictor.classifier.bias.fill_(tc.f0_bias_init)
     seed_everything(cfg.seed + d.rank)
     opt_g = make_optimizer(gen, cfg)
+    if tc.f0_lr_scale != 1.0:
+        opt_g = _scale_f0_lr(opt_g, gen, cfg, tc.f0_lr_scale)
     opt_d = make_optimizer(disc, cfg, lr=tc.lr_d or cfg.lr)
-    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds)
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
     seconds = tc.segment_frames * RATES.hop_length / RATES.sample_rate
     stream = BatchStream(
         [seconds] * len(utts), cfg.batch_seconds, cfg.max_batch, cfg.sort_window, cfg.seed, d.rank, d.world
@@ -378,13 +412,13 @@ def train(
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in opt_g.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for group in opt_d.param_groups:
             group["lr"] = lr * (tc.lr_d or cfg.lr) / cfg.lr
         batch = to_device(next(batches), d.device)
         real = batch["audio"][:, None]  # [B, 1, L]
         n = real.shape[0]
-        fake, f0 = gen_ddp(batch["mel"])
+        fake, f0 = gen_ddp(batch["mel"], batch["f0"] if tc.source_f0 == "reference" else None)
         fake = fake[:, None]
         metrics: dict[str, float] = {}
         adversarial = step >= tc.adversarial_from

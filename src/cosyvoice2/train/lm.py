@@ -164,7 +164,7 @@ def lm_items(
 
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     lm_cfg = config_from_dict(LmTrainConfig, recipe.get("lm", {}), "[lm]")
-    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds)
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
     tok = text_tokenizer_for(Path(cfg.out_dir), lm_cfg, utts, d)
     model_table = dict(recipe.get("model", {}))
     model_table.setdefault("vocab_size", len(tok))

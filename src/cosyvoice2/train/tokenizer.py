@@ -264,7 +264,8 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     model_cfg = config_from_dict(SpeechTokenizerConfig, recipe.get("model", {}), "[model]")
     asr = config_from_dict(AsrConfig, recipe.get("asr", {}), "[asr]")
     model_cfg, init = whisper_start(model_cfg, asr)
-    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, min(cfg.max_seconds, model_cfg.max_seconds))
+    max_seconds = min(cfg.max_seconds, model_cfg.max_seconds)
+    utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, max_seconds, cfg.utts)
     vocab = vocab_for(Path(cfg.out_dir), utts, d)
     index = {c: i for i, c in enumerate(vocab)}
     dev = read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds) if cfg.eval_every else []

@@ -1,0 +1,201 @@
+"""Probes of one network on a few corpus utterances: does it reproduce what it was trained on?
+
+    python -m cosyvoice2.train.probe hift --run exp/overfit/hift --utts ID [ID ...]
+    python -m cosyvoice2.train.probe flow --run exp/overfit/flow --cache exp/cache --utts ID
+    python -m cosyvoice2.train.probe lm   --run exp/overfit/lm   --cache exp/cache --utts ID
+
+They are the single-utterance overfit checks of ``recipes/README.md`` (a network that cannot reproduce one
+training utterance has a bug, not a budget problem) and work as quick checks of any run. One JSON object
+per utterance goes to stdout:
+
+* ``hift``: the utterance's mel through the vocoder's inference path (predicted f0, sine source); Whisper's
+  error rate on the result; mean predicted vs reference (YIN) f0 on voiced and unvoiced frames; the
+  cepstral peak prominence (pitch harmonics: ~0 for a vocoder whose source is silent) of copy and original.
+* ``flow``: the utterance's speech tokens + its speaker embedding through the flow (offline, no prompt);
+  mean |mel - reference mel|; Whisper's error rate on the mel through Griffin-Lim (no vocoder weights) and,
+  with ``--hift``, through that vocoder.
+* ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout), and free-running
+  top-1 decoding from the text: the share of reference tokens reproduced position by position and the
+  length ratio.
+
+Every row also holds ``ref_error`` (Whisper on the corpus audio itself), the ceiling for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..audio import griffin_lim, prompt_mel, resample
+from ..config import RATES
+from .data import FeatureCache, Utt, load_wav, read_manifest
+from .export import network_from_run
+from .hift import yin_f0
+
+
+def cepstral_peak(
+    wav: np.ndarray, sr: int = RATES.sample_rate, fmin: float = 60.0, fmax: float = 400.0
+) -> float:
+    """Mean cepstral peak prominence (log-magnitude cepstrum) of the louder half of 40 ms frames.
+
+    Voiced speech has a peak at the pitch period's quefrency; a vocoder without harmonics does not.
+    """
+    n = int(0.04 * sr)
+    if len(wav) < n:
+        return 0.0
+    frames = np.lib.stride_tricks.sliding_window_view(wav, n)[:: n // 2] * np.hanning(n)
+    keep = np.argsort((frames**2).sum(1))[len(frames) // 2 :]
+    log_mag = np.log(np.abs(np.fft.rfft(frames[keep], axis=1)) + 1e-6)
+    cep = np.fft.irfft(log_mag, axis=1)[:, int(sr / fmax) : int(sr / fmin)]
+    return float((cep.max(1) - np.median(cep, 1)).mean())
+
+
+class _Listener:
+    """Whisper (the eval extra) -> error rate against the corpus text."""
+
+    def __init__(self, threads: int) -> None:
+        from ..evaluate import WhisperASR
+
+        self.asr = WhisperASR(threads=threads)
+
+    def __call__(self, wav24: np.ndarray, utt: Utt) -> tuple[float, str]:
+        from ..evaluate import error_count
+
+        hyp = self.asr.transcribe(resample(wav24, RATES.sample_rate, 16000), utt.language)
+        ec = error_count(utt.text, hyp, utt.language)
+        return round(ec.edits / max(1, ec.ref_units), 4), hyp
+
+
+def _mel(wav: np.ndarray) -> Tensor:
+    """[M, T] flow mel of 24 kHz audio, padded to whole tokens like the flow trainer's targets."""
+    wav = np.pad(wav, (0, -len(wav) % RATES.samples_per_token))
+    return prompt_mel(torch.from_numpy(wav)[None])[0].T
+
+
+def probe_hift(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    net = network_from_run("hift", args.run)
+    mel = prompt_mel(torch.from_numpy(wav)[None]).transpose(1, 2)  # [1, M, T]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = net.inference(mel, generator=gen)[0][0].numpy()
+        f0 = net.f0(mel)[0].numpy()
+    ref_f0 = yin_f0(wav[: mel.shape[2] * RATES.hop_length], mel.shape[2])
+    voiced = ref_f0 > 0
+    err, hyp = listen(out, utt)
+    return {
+        "error": err,
+        "hyp": hyp,
+        "f0_voiced": [round(float(f0[voiced].mean()), 1), round(float(ref_f0[voiced].mean()), 1)],
+        "f0_unvoiced_pred": round(float(f0[~voiced].mean()), 1),
+        "cepstral_peak": [round(cepstral_peak(out), 4), round(cepstral_peak(wav), 4)],
+        "_audio": out,
+    }
+
+
+def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    net = network_from_run("flow", args.run)
+    tokens = FeatureCache(args.cache, "tokens").load()[utt.id].long()[None]
+    emb = FeatureCache(args.cache, "embeddings").load()[utt.id].float()[None]
+    ref = _mel(wav)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        mel = net.inference(
+            tokens, empty, torch.zeros(1, 0, ref.shape[0]), emb, streaming=False, finalize=True
+        )
+    n = min(mel.shape[2], ref.shape[1])
+    row = {"mel_l1": round(float((mel[0, :, :n] - ref[:, :n]).abs().mean()), 4)}
+    gl = griffin_lim(mel[0].T).numpy() if mel.dim() == 3 else None
+    row["error_griffin_lim"], row["hyp_griffin_lim"] = listen(gl, utt)
+    row["error_griffin_lim_ref"] = listen(griffin_lim(ref.T).numpy(), utt)[0]
+    if args.hift:
+        voc = network_from_run("hift", args.hift)
+        with torch.no_grad():
+            out = voc.inference(mel, generator=torch.Generator().manual_seed(0))[0][0].numpy()
+        row["error_hift"], row["hyp_hift"] = listen(out, utt)
+        row["_audio"] = out
+    else:
+        row["_audio"] = gl
+    return row
+
+
+def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    from ..text import TextTokenizer
+
+    net = network_from_run("lm", args.run)
+    run = Path(args.run)
+    tok_dir = (
+        Path(args.text_tokenizer) if args.text_tokenizer else (run if run.is_dir() else run.parent.parent)
+    )
+    tok = TextTokenizer.from_dir(
+        tok_dir / "text_tokenizer" if (tok_dir / "text_tokenizer").is_dir() else tok_dir
+    )
+    speech = FeatureCache(args.cache, "tokens").load()[utt.id].long()
+    text = torch.tensor(tok.encode(utt.text), dtype=torch.long)
+    with torch.no_grad():
+        lens = torch.tensor([len(text)]), torch.tensor([len(speech)])
+        acc = net.forward_train(text[None], lens[0], speech[None], lens[1], bistream_prob=0.0)["acc"]
+        hyp = greedy(net, text, max_len=2 * len(speech) + 10)
+    n = min(len(hyp), len(speech))
+    same = float((torch.tensor(hyp[:n]) == speech[:n]).sum()) / len(speech) if n else 0.0
+    return {
+        "teacher_forced_acc": round(float(acc), 4),
+        "free_running_match": round(same, 4),
+        "length_ratio": round(len(hyp) / len(speech), 3),
+    }
+
+
+def greedy(net, text: Tensor, max_len: int) -> list[int]:
+    """Top-1 uni-stream decoding (no sampling) until a stop id or ``max_len`` ids."""
+    cache = net.new_cache(1, len(text) + max_len + 3)
+    x, out = net.build_input(text), []
+    while len(out) < max_len:
+        tok = int(net.step(x, cache)[0].argmax())
+        if tok in net.cfg.stop_ids:
+            break
+        out.append(tok)
+        x = net.speech_embedding.weight[tok].view(1, 1, -1)
+    return out
+
+
+PROBES = {"hift": probe_hift, "flow": probe_flow, "lm": probe_lm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("network", choices=sorted(PROBES))
+    ap.add_argument("--run", required=True, help="run dir, checkpoint or .safetensors of the network")
+    ap.add_argument("--utts", nargs="+", required=True, help="corpus utterance ids")
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--cache", default="exp/cache", help="feature cache (tokens, embeddings)")
+    ap.add_argument("--hift", default="", help="flow probe: also vocode with this HiFT run")
+    ap.add_argument("--text-tokenizer", default="", help="lm probe: BPE directory (default: the run's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    utts = read_manifest(args.corpus, None, ids=args.utts)
+    listen = _Listener(args.threads)
+    for utt in utts:
+        wav = load_wav(utt, RATES.sample_rate)
+        row = {"id": utt.id, "network": args.network, "run": args.run}
+        row.update(PROBES[args.network](args, utt, wav, listen))
+        audio = row.pop("_audio", None)
+        if args.network != "lm":
+            row["ref_error"] = listen(wav, utt)[0]
+        if args.save and audio is not None:
+            from ..audio import write_audio_atomic
+
+            write_audio_atomic(Path(args.save) / f"{utt.id}.wav", audio, RATES.sample_rate)
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
