@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import load_pt
+from conftest import fixture_root, load_pt
 
 import cosyvoice2
 from cosyvoice2.synthesis import StreamSchedule, new_generator
@@ -21,15 +21,30 @@ from cosyvoice2.voice import VoiceReference
 
 SPEECH_ATOL = 5e-4
 FEAT_ATOL = 1e-5
-REQUESTS = ["zero_shot", "zero_shot_stream", "cross_lingual", "instruct2", "vc", "zero_shot_spk"]
+
+
+def _requests() -> list[str]:
+    """The request folders, in the order of the official run (e2e_small/meta.json)."""
+    meta = fixture_root() / "e2e_small" / "meta.json"
+    return json.loads(meta.read_text())["requests_in_order"] if meta.is_file() else []
+
+
+REQUESTS = _requests()
 
 
 @pytest.fixture(scope="module")
 def e2e(fixtures):
     root = fixtures / "e2e_small"
-    # The official run had neither ttsfrd nor wetext installed: rules-only normalisation.
-    tts = cosyvoice2.load(root / "model", text_backend="none")
+    # The official frontend it ran with: '' = neither ttsfrd nor wetext installed, rules-only normalisation.
+    frontend = json.loads((root / "meta.json").read_text())["checks"]["frontend_text_frontend"]
+    assert frontend in ("", "wetext"), frontend
+    tts = cosyvoice2.load(root / "model", text_backend=frontend or "none")
     return tts, root
+
+
+def test_every_request_folder_is_tested(fixtures):
+    folders = sorted(p.parent.name for p in (fixtures / "e2e_small").glob("*/inputs.json"))
+    assert folders and folders == sorted(REQUESTS)
 
 
 def _wav(root, name: str) -> np.ndarray:
@@ -84,16 +99,19 @@ def test_request(e2e, name):
     voice = _voice_for(tts, root, inputs)
     want = _speech_chunks(out)
 
-    if name == "vc":
+    if inputs["api"].endswith(".inference_vc"):
         tokens = tts.models.frontend.source_tokens_from_waveform(_wav(root, kw["source_wav"]))
         assert tokens.tolist() == mi["source_speech_token"][0].tolist()
         got = tts.convert(_wav(root, kw["source_wav"]), voice, seed=seed, src_rate=16000)
         torch.testing.assert_close(torch.from_numpy(got), want[0], atol=SPEECH_ATOL, rtol=0)
         return
 
-    # Text ids and the prompt the LM sees are the official frontend output.
+    # Text pieces, their ids and the prompt the LM sees are the official frontend output.
+    meta = json.loads((root / name / "meta.json").read_text())
+    (split,) = [c["out"] for c in meta["text_normalize_calls"] if c["split"] and c["in"] == kw["tts_text"]]
     pieces = tts.models.frontend.text_pieces(kw["tts_text"])
-    assert len(pieces) == 1
+    assert pieces == split
+    assert len(pieces) == 1  # the request files hold one LM run (FIXTURES.md: every e2e text is one piece)
     assert tts.models.frontend.encode(pieces[0]) == mi["text"][0].tolist()
     instruct = kw.get("instruct_text")
     req = tts.request(kw["tts_text"], voice=voice, instruct=instruct, seed=seed)
@@ -113,7 +131,7 @@ def test_request(e2e, name):
     tokens = list(tts.models.lm_generate(mi["text"][0].tolist(), prompt.lm_text, prompt.lm_speech, gen))
     assert tokens == out["speech_token"].tolist()
 
-    if not name.endswith("_stream"):
+    if not kw["stream"]:
         got = tts.synthesize(kw["tts_text"], voice=voice, instruct=instruct, seed=seed)
         assert got.shape[0] == want[0].shape[0]
         torch.testing.assert_close(torch.from_numpy(got), want[0], atol=SPEECH_ATOL, rtol=0)

@@ -108,9 +108,12 @@ def test_error_count_and_sum():
 # Corpus and plan
 # --------------------------------------------------------------------------------------------------
 
+# The corpus speaker who is also the model's built-in voice (the plan takes their utterances first); the
+# command test renames them to the fixture model's stored speaker with ``corpus_rows``.
+BUILTIN = "builtin_voice"
 ROWS = [
     # id, text, language, speaker, split
-    ("a-en-1", "Hello there.", "en", "spk_e2e", "test"),
+    ("a-en-1", "Hello there.", "en", BUILTIN, "test"),
     ("b-en-1", "Hello there.", "en", "seen_b", "test"),
     ("b-zh-1", "今天天气很好。", "zh", "seen_b", "test"),
     ("b-en-9", "A training sentence.", "en", "seen_b", "train"),
@@ -121,6 +124,13 @@ ROWS = [
     ("y-en-1", "Good night.", "en", "held_y", "test_unseen_speaker"),
     ("y-en-2", "Good morning to you.", "en", "held_y", "test_unseen_speaker"),
 ]
+
+
+def corpus_rows(builtin: str) -> list[tuple[str, str, str, str, str]]:
+    """ROWS with the built-in voice's speaker named ``builtin``."""
+    return [
+        (uid, text, lang, builtin if spk == BUILTIN else spk, split) for uid, text, lang, spk, split in ROWS
+    ]
 
 
 def _signal(seed: int, seconds: float, sr: int = 24000) -> np.ndarray:
@@ -163,8 +173,8 @@ def test_read_manifest(tmp_path):
 
 def test_plan(tmp_path):
     utts = ev.read_manifest(write_corpus(tmp_path))
-    plan = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], stream=True, seed=3)
-    again = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], stream=True, seed=3)
+    plan = ev.make_plan(utts, max_sentences=5, voices=[BUILTIN], stream=True, seed=3)
+    again = ev.make_plan(utts, max_sentences=5, voices=[BUILTIN], stream=True, seed=3)
     assert plan == again
     assert sorted(plan.sentences["en"]) == ["Good morning to you.", "Good night.", "Hello there."]
     assert sorted(plan.sentences["zh"]) == ["今天天气很好。", "我们一起去公园。"]
@@ -174,7 +184,7 @@ def test_plan(tmp_path):
     assert ev.make_plan(utts, languages=["en"], seed=3).sentences["en"] == plan.sentences["en"]
     by = {c: [it for it in plan.items if it.condition == c] for c in ev.CONDITIONS}
     teacher = {it.text: it.audio for it in by["teacher"]}
-    assert teacher["Hello there."].speaker == "spk_e2e"  # the built-in voice's own utterance first
+    assert teacher["Hello there."].speaker == BUILTIN  # the built-in voice's own utterance first
     assert teacher["今天天气很好。"].split == "test"  # then the seen speakers' held-out sentences
     assert len(by["builtin"]) == 5 and len(by["zero_shot"]) == 5
     for it in by["zero_shot"]:
@@ -188,12 +198,12 @@ def test_plan(tmp_path):
     assert [it.prompt for it in by["zero_shot_stream"]] == [it.prompt for it in by["zero_shot"]]
     assert [it.seed for it in by["builtin"]] == [3, 4, 5, 6, 7]
     assert not by["resynth_vocoder"] and not by["resynth_tokens"]  # only when asked for
-    plan = ev.make_plan(utts, max_sentences=5, voices=["spk_e2e"], resynth=True, seed=3)
+    plan = ev.make_plan(utts, max_sentences=5, voices=[BUILTIN], resynth=True, seed=3)
     by = {c: [it for it in plan.items if it.condition == c] for c in ev.CONDITIONS}
     assert [it.source for it in by["resynth_vocoder"]] == [it.audio for it in by["teacher"]]
     for cond in ("resynth_tokens", "resynth_griffin_lim", "resynth_tokens_griffin_lim"):
         assert [it.source for it in by[cond]] == [it.audio for it in by["teacher"]], cond
-    assert all(it.voice == "spk_e2e" for it in by["resynth_tokens"] + by["builtin_griffin_lim"])
+    assert all(it.voice == BUILTIN for it in by["resynth_tokens"] + by["builtin_griffin_lim"])
     assert [it.text for it in by["builtin_griffin_lim"]] == [it.text for it in by["builtin"]]
 
 
@@ -273,33 +283,37 @@ class FakeASR:
 
 
 @pytest.fixture(scope="module")
-def model_with_voice(fixtures, tmp_path_factory) -> Path:
-    """The fixture model directory plus a built-in voice (the official spk2info.pt of e2e_small)."""
+def model_with_voice(fixtures, tmp_path_factory) -> tuple[Path, str]:
+    """The fixture model directory plus a built-in voice (the official spk2info.pt of e2e_small), and the
+    voice's name."""
     src = fixtures / "e2e_small" / "model"
+    spk2info = fixtures / "e2e_small" / "zero_shot_spk" / "spk2info.pt"
+    (name,) = torch.load(spk2info, map_location="cpu", weights_only=True)
     root = tmp_path_factory.mktemp("model")
     for entry in src.iterdir():
         (root / entry.name).symlink_to(entry.resolve())
-    (root / "spk2info.pt").symlink_to((fixtures / "e2e_small" / "zero_shot_spk" / "spk2info.pt").resolve())
-    return root
+    (root / "spk2info.pt").symlink_to(spk2info.resolve())
+    return root, name
 
 
 def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ev, "WhisperASR", FakeASR)
-    corpus = write_corpus(tmp_path / "corpus")
+    model, voice = model_with_voice
+    corpus = write_corpus(tmp_path / "corpus", rows=corpus_rows(voice))
     out = tmp_path / "report.json"
-    args = ["eval", "--corpus", str(corpus), "--model", str(model_with_voice), "-o", str(out)]
+    args = ["eval", "--corpus", str(corpus), "--model", str(model), "-o", str(out)]
     args += ["--max-sentences", "1", "--stream", "--resynth", "--seed", "7"]
     args += ["--speaker-encoder", str(speaker_encoder)]
     assert cli.main(args + ["-q"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["format"] == "cosyvoice2.eval" and report["version"] == 1
-    assert report["model"]["speakers"] == ["spk_e2e"] and report["model"]["kind"] == "official"
+    assert report["model"]["speakers"] == [voice] and report["model"]["kind"] == "official"
     assert report["corpus"]["utterances"] == len(ROWS) and report["asr"]["engine"] == "fake"
     assert report["settings"] == {
         "languages": ["en", "zh"],
         "max_sentences": 1,
-        "voices": ["spk_e2e"],
+        "voices": [voice],
         "stream": True,
         "resynth": True,
         "seed": 7,
@@ -317,7 +331,7 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
     by = {c: [r for r in items if r["condition"] == c] for c in ev.CONDITIONS}
     for r in by["builtin"] + by["zero_shot"]:
         assert r["audio_s"] > 0 and r["synth_s"] > 0 and r["seed"] >= 7
-    assert all(r["voice"] == "spk_e2e" for r in by["builtin"])
+    assert all(r["voice"] == voice for r in by["builtin"])
     for r in by["zero_shot"]:
         assert r["prompt"]["speaker"] in ("held_x", "held_y") and r["prompt"]["text"] != r["text"]
         assert "speaker_similarity" in r and "prompt_similarity" in r and r["references"]
@@ -331,8 +345,8 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
     for r in by["resynth_vocoder"] + by["resynth_griffin_lim"]:  # 480 samples per mel frame either way
         assert abs(r["audio_s"] - r["utterance"]["duration"]) < 0.05
     for r in by["builtin_griffin_lim"]:
-        assert r["audio_s"] > 0 and r["voice"] == "spk_e2e"
-    assert all(r["voice"] == "spk_e2e" for r in by["resynth_tokens"])
+        assert r["audio_s"] > 0 and r["voice"] == voice
+    assert all(r["voice"] == voice for r in by["resynth_tokens"])
     # the fake ASR's fixed transcripts score exactly against the reference texts
     for r in items:
         expect = ev.error_count(r["text"], r["hypothesis"], r["language"])
