@@ -575,6 +575,7 @@ class _PinnedWetext:
         return self.lang if _has_digit(text) else None
 
     def run(self, text: str, fst_lang: str) -> str:
+        # fst_lang is always this branch's language; the FSTs run on the text as given (no strip).
         tagged = self._tagger.normalize(text)
         try:
             reordered = reorder_tagged(tagged, self.lang)
