@@ -263,6 +263,52 @@ def test_duration_limits_name_duration_and_limit():
     assert len(load_audio(silent, SR16, src_rate=SR16, check_silence=False)) == len(silent)
 
 
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
+def test_decoders_stop_at_max_seconds(fmt, monkeypatch):
+    """``max_seconds`` is the decoders' budget: encoded input stops decoding once it is over (at most one
+    block or frame later), and what fits decodes exactly as without a budget."""
+    import cosyvoice2.audio as audio
+
+    monkeypatch.setattr(audio, "_DECODE_BLOCK", 4096)  # several soundfile blocks for a short file
+    data = encode_audio(tone(2.0, SR16), SR16, fmt)
+    whole = load_audio(data, SR16)
+    assert np.array_equal(load_audio(data, SR16, max_seconds=2.5), whole)
+    with pytest.raises(InputError, match=r"too long: over 1 s"):
+        load_audio(data, SR16, max_seconds=1.0)
+    seen: list = []  # soundfile blocks read / mp3 frames converted
+    if fmt == "mp3":
+        monkeypatch.setattr(audio.av, "AudioResampler", _counting_resampler(audio.av.AudioResampler, seen))
+    else:
+        read = audio.sf.SoundFile.read
+        monkeypatch.setattr(audio.sf.SoundFile, "read", lambda f, *a, **k: seen.append(1) or read(f, *a, **k))
+    with pytest.raises(InputError, match="too long"):
+        load_audio(data, SR16, max_seconds=0.5)
+    assert 0 < len(seen) < (4 if fmt != "mp3" else 20)  # 2 s would take 8 blocks / ~56 frames
+
+
+def _counting_resampler(real, seen: list):
+    class Counting:
+        def __init__(self, **kwargs) -> None:
+            self._inner = real(**kwargs)
+
+        def resample(self, frame):
+            seen.append(frame)
+            return self._inner.resample(frame)
+
+    return Counting
+
+
+def test_a_header_that_lies_about_the_length_does_not_matter():
+    """An mp3 whose Info header claims ~0.6 s while it holds 60 s (libsndfile believes the header)."""
+    x = tone(60.0, SR)
+    mp3 = bytearray(encode_audio(x, SR, "mp3"))
+    at = mp3.find(b"Info")
+    mp3[at + 8 : at + 12] = (25).to_bytes(4, "big")  # the frame count field (flags say it is present)
+    assert sf.info(io.BytesIO(bytes(mp3))).duration < 1.0
+    with pytest.raises(InputError, match="too long"):
+        load_audio(bytes(mp3), SR, max_seconds=30.0)
+
+
 def test_truncated_file_is_an_input_error():
     data = encode_audio(tone(0.2, SR16), SR16, "wav")
     with pytest.raises(InputError, match="could not decode"):

@@ -7,6 +7,7 @@ over the limit, auth on and off, metrics, and a fuzz of malformed requests that 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import fixture_root
 
 pytest.importorskip("fastapi")
@@ -31,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 import cosyvoice2  # noqa: E402
 from cosyvoice2.audio import load_audio  # noqa: E402
 from cosyvoice2.server import Settings, create_app, uvicorn_config  # noqa: E402
+from cosyvoice2.server.app import WS_ROUTE, ws_key_protocol  # noqa: E402
 from cosyvoice2.server.metrics import Counter, Gauge, Histogram  # noqa: E402
 from cosyvoice2.server.voices import VoiceStore, clean_name, valid_id  # noqa: E402
 
@@ -57,11 +60,13 @@ def tts():
 class LiveServer:
     """create_app + uvicorn (the same config `serve` uses) in a thread, on a pre-bound loopback socket."""
 
-    def __init__(self, tts, **settings) -> None:
+    def __init__(self, tts, sndbuf: int | None = None, **settings) -> None:
         self.settings = Settings(**settings)
         self.app = create_app(tts, self.settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sndbuf:  # accepted connections inherit it: a client that stops reading blocks the server soon
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         import uvicorn
@@ -97,6 +102,15 @@ class LiveServer:
 
     def active(self) -> int:
         return httpx.get(self.url + "/health", timeout=10).json()["active"]
+
+    def queued(self) -> int:
+        return httpx.get(self.url + "/health", timeout=10).json()["queued"]
+
+    def wait_for(self, what, value: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while what() != value:
+            assert time.monotonic() < deadline, f"{what.__name__} never reached {value}"
+            time.sleep(0.02)
 
     def wait_idle(self, timeout: float = 5.0) -> float:
         """Seconds until no synthesis slot is held (fails after ``timeout``)."""
@@ -429,7 +443,7 @@ def test_voice_library_crud_and_restart(tts, tmp_path):
 
 
 def test_over_the_limit_gets_429(tts, tmp_path):
-    with LiveServer(tts, data_dir=tmp_path, max_active=1) as srv, srv.client() as c:
+    with LiveServer(tts, data_dir=tmp_path, max_active=1, max_queue=0) as srv, srv.client() as c:
         voice_id = upload_voice(c, prompt_wav()).json()["id"]
         with ws_client.connect(srv.ws_url, open_timeout=10) as holder:
             holder.send(json.dumps({"type": "start", "voice": voice_id, "text": "Hello, "}))
@@ -483,9 +497,21 @@ def test_auth(tts, tmp_path):
         with pytest.raises(InvalidStatus):
             ws_client.connect(srv.ws_url, open_timeout=10)
         with pytest.raises(InvalidStatus):
-            ws_client.connect(srv.ws_url + "?api_key=wrong", open_timeout=10)
-        _, audio, _, done = ws_speak(srv.ws_url + f"?api_key={key}", [SHORT], {"voice": voice_id, "seed": 0})
-        assert done["type"] == "done" and len(audio) > 0
+            wrong = ["cosyvoice2", ws_key_protocol("wrong")]
+            ws_client.connect(srv.ws_url, subprotocols=wrong, open_timeout=10)
+        with pytest.raises(InvalidStatus):  # keys in URLs end up in logs: not accepted
+            ws_client.connect(srv.ws_url + f"?api_key={key}", open_timeout=10)
+        # A browser's way: the key in a subprotocol; the server answers with the plain one.
+        protocols = ["cosyvoice2", ws_key_protocol(key)]
+        with ws_client.connect(srv.ws_url, subprotocols=protocols, open_timeout=10) as ws:
+            assert ws.subprotocol == "cosyvoice2"
+            ws.send(json.dumps({"type": "start", "voice": voice_id, "seed": 0, "text": SHORT}))
+            ws.send(json.dumps({"type": "end"}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "started"
+            msgs = []
+            while not (msgs and isinstance(msgs[-1], str)):
+                msgs.append(ws.recv(timeout=30))
+            assert json.loads(msgs[-1])["type"] == "done" and isinstance(msgs[0], bytes)
         bearer = {"Authorization": f"Bearer {key}"}
         with ws_client.connect(srv.ws_url, additional_headers=bearer, open_timeout=10) as ws:
             ws.send(json.dumps({"type": "start", "voice": voice_id}))
@@ -557,6 +583,15 @@ SPEECH_JSON_CASES = [
 ]
 
 SPEECH_RAW_CASES = [
+    # Values that used to get past the schema and fail later with a 500:
+    (b'{"input": "hi", "voice": "alloy", "speed": 1' + b"0" * 400 + b"}", "application/json"),
+    (b'{"input": "hi", "voice": "alloy", "seed": ' + b"7" * 5000 + b"}", "application/json"),
+    (b'{"input": "hi", "voice": "alloy", "speed": 1e400}', "application/json"),
+    (b'{"input": "hi \\ud800 there", "voice": "alloy"}', "application/json"),
+    (b'{"input": "hi", "voice": "\\udc00"}', "application/json"),
+    (b'{"input": "hi", "voice": {"id": "\\ud800x"}}', "application/json"),
+    (b'{"input": "hi", "voice": "alloy", "instruct": "\\ud83d"}', "application/json"),
+    (b'{"input": "hi", "voice": "alloy", "model": "\\ud800"}', "application/json"),
     (b"not json", "application/json"),
     (b"{", "application/json"),
     (b'{"input": "hi", "speed": NaN, "voice": "alloy"}', "application/json"),
@@ -682,6 +717,10 @@ WS_BAD_SESSIONS = [
     ([START, END], "invalid_request"),  # nothing to speak
     ([START_HI, END, json.dumps({"type": "text", "text": "late"})], "invalid_message"),
     ([START, "{broken"], "invalid_json"),
+    (['{"type": "start", "voice": "alloy", "speed": 1' + "0" * 400 + "}"], "invalid_request"),
+    (['{"type": "start", "voice": "alloy", "seed": ' + "9" * 5000 + "}"], "invalid_json"),
+    (['{"type": "start", "voice": "alloy", "text": "a\\ud800"}'], "invalid_request"),
+    ([START, '{"type": "text", "text": "b\\udfff"}'], "invalid_message"),
 ]
 
 
@@ -726,3 +765,381 @@ def test_websocket_idle_and_text_limits(tts, tmp_path):
                     msgs.append(ws.recv(timeout=10))
             assert json.loads(msgs[-1])["error"]["code"] == "input_too_long"
         srv.wait_idle()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load and hostile clients: the wait queue, deadlines, budgets, Host/Origin
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_slots_queue_fifo_timeout_and_handover():
+    """The wait queue without a model: FIFO hand-over from worker threads, full queue and timeout -> 429,
+    and a waiter cancelled just after it was handed a slot passes it on."""
+    from cosyvoice2.server.app import ApiError, Slots
+    from cosyvoice2.server.metrics import Metrics
+
+    async def main() -> None:
+        metrics = Metrics()
+        slots = Slots(1, 2, metrics, retry_after=3)
+        await slots.acquire(1.0)
+        got: list[str] = []
+
+        async def wait(name: str) -> None:
+            await slots.acquire(5.0)
+            got.append(name)
+
+        a = asyncio.create_task(wait("a"))
+        await asyncio.sleep(0)
+        b = asyncio.create_task(wait("b"))
+        await asyncio.sleep(0)
+        assert slots.queued == 2
+        with pytest.raises(ApiError) as full:  # the queue is full: refused at once
+            await slots.acquire(5.0)
+        assert full.value.status == 429 and full.value.headers["Retry-After"] == "3"
+        threading.Thread(target=slots.release).start()  # a worker finishes: the oldest waiter gets it
+        await asyncio.wait_for(a, 2.0)
+        assert got == ["a"] and slots.active == 1 and slots.queued == 1
+        b.cancel()  # a client that leaves while queued leaves the queue
+        await asyncio.gather(b, return_exceptions=True)
+        assert slots.queued == 0 and slots.active == 1
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as late:
+            await slots.acquire(0.2)
+        assert late.value.status == 429 and 0.15 < time.monotonic() - t0 < 2.0
+        c = asyncio.create_task(wait("c"))
+        await asyncio.sleep(0)
+        d = asyncio.create_task(wait("d"))
+        await asyncio.sleep(0)
+        slots.release()  # handed to c ...
+        c.cancel()  # ... which leaves before it runs: d gets the slot
+        await asyncio.gather(c, return_exceptions=True)
+        await asyncio.wait_for(d, 2.0)
+        assert got == ["a", "d"] and slots.active == 1 and slots.queued == 0
+        slots.release()
+        assert slots.active == 0 and metrics.rejected.value() == 2
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def _hold_slot(srv: LiveServer, voice_id: str):
+    """A WebSocket request that holds a slot while it waits for more text (send end to release it)."""
+    with ws_client.connect(srv.ws_url, open_timeout=10) as holder:
+        holder.send(json.dumps({"type": "start", "voice": voice_id, "text": "Hello, "}))
+        assert json.loads(holder.recv(timeout=10))["type"] == "started"
+        yield holder
+
+
+def test_requests_wait_in_the_queue_instead_of_429(tts, tmp_path):
+    with (
+        LiveServer(tts, data_dir=tmp_path, max_active=1, max_queue=2, queue_timeout=30) as srv,
+        srv.client() as c,
+    ):
+        voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        results: list = []
+
+        def speak(seed: int) -> None:
+            body = {"input": SHORT, "voice": voice_id, "seed": seed, "stream": False}
+            results.append(httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=speak, args=(i,)) for i in range(2)]
+        with _hold_slot(srv, voice_id) as holder:
+            for t in threads:
+                t.start()
+            srv.wait_for(srv.queued, 2)
+            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice_id})  # full: 429 at once
+            assert_error(r, 429, "rate_limited")
+            assert int(r.headers["retry-after"]) >= 1
+            holder.send(json.dumps({"type": "end"}))  # the holder finishes; the queued requests run in turn
+            for t in threads:
+                t.join(60)
+        assert results == [200, 200]
+        srv.wait_idle()
+        metrics = c.get("/metrics").text
+        assert "cosyvoice2_rejected_total 1" in metrics and "cosyvoice2_queue_wait_seconds_count 2" in metrics
+
+
+def test_queue_timeout_and_client_leaving_the_queue(tts, tmp_path):
+    with (
+        LiveServer(tts, data_dir=tmp_path, max_active=1, max_queue=4, queue_timeout=0.5) as srv,
+        srv.client() as c,
+    ):
+        voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        with _hold_slot(srv, voice_id):
+            t0 = time.monotonic()
+            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice_id})
+            assert_error(r, 429, "rate_limited")
+            assert 0.4 < time.monotonic() - t0 < 5 and "waited" in r.json()["error"]["message"]
+            # Uploads wait for a slot before their body is read, and get the same answer.
+            assert_error(upload_voice(c, prompt_wav()), 429, "rate_limited")
+    with (
+        LiveServer(tts, data_dir=tmp_path, max_active=1, max_queue=4, queue_timeout=30) as srv,
+        srv.client() as c,
+    ):
+        with _hold_slot(srv, voice_id):
+            with pytest.raises(httpx.ReadTimeout):  # gives up while queued
+                body = {"input": SHORT, "voice": voice_id}
+                httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=0.5)
+            srv.wait_for(srv.queued, 0, timeout=5)  # the server noticed and dropped it from the queue
+            assert srv.active() == 1
+
+
+def test_non_streaming_request_stops_when_the_client_leaves(live):
+    body = {"input": LONG, "voice": "alloy", "response_format": "pcm", "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/audio/speech", json=body, timeout=1.0)
+    assert live.wait_idle(5.0) < 5.0  # LONG takes several seconds: it was stopped, not finished
+
+
+def test_deadlines_stalled_readers_and_empty_pieces(tts, tmp_path):
+    with LiveServer(tts, data_dir=tmp_path, max_active=2, request_timeout=1.0, ws_idle_timeout=0.5) as srv:
+        with srv.client() as c:
+            voice_id = upload_voice(c, prompt_wav()).json()["id"]
+            # Wall clock: a request that would run for several seconds ends with 408 after 1 s.
+            body = {"input": LONG, "voice": voice_id, "response_format": "pcm", "stream": False}
+            t0 = time.monotonic()
+            assert_error(c.post("/v1/audio/speech", json=body), 408, "deadline_exceeded")
+            assert time.monotonic() - t0 < 5
+            srv.wait_idle()
+            # Streamed: once audio flows the status is sent, so the body is cut and the client cannot take
+            # it as whole (on a busy machine the limit may pass before the first audio: then a 408).
+            with c.stream("POST", "/v1/audio/speech", json={**body, "stream": True}) as r:
+                if r.status_code == 200:
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        for _ in r.iter_bytes():
+                            pass
+                else:
+                    r.read()
+                    assert_error(r, 408, "deadline_exceeded")
+            srv.wait_idle()
+        # A WebSocket kept open with empty text pieces still hits the idle limit.
+        with ws_client.connect(srv.ws_url, open_timeout=10) as ws:
+            ws.send(json.dumps({"type": "start", "voice": voice_id}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "started"
+            error = None
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(40):
+                    ws.send(json.dumps({"type": "text", "text": ""}))
+                    with contextlib.suppress(TimeoutError):
+                        msg = ws.recv(timeout=0.1)
+                        if isinstance(msg, str) and json.loads(msg)["type"] == "error":
+                            error = json.loads(msg)["error"]
+                            break
+            assert error is not None and error["code"] == "timeout", error
+        srv.wait_idle()
+    # A client that stops reading a stream is dropped (its slot would otherwise be held forever): over
+    # HTTP and over the WebSocket, each from a raw socket with a small window that is never read. The
+    # worker can run only a few chunks ahead of its sender, so nothing but the stall check frees the slot.
+    with LiveServer(tts, sndbuf=4096, data_dir=tmp_path, stall_timeout=0.5) as srv:
+        with srv.client() as c:
+            voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        payload = json.dumps({"input": LONG, "voice": voice_id, "response_format": "pcm"}).encode()
+        http = _raw_client(srv.port)
+        http.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        start = json.dumps({"type": "start", "voice": voice_id, "format": "pcm", "text": LONG})
+        ws = _raw_websocket(srv.port, [start, json.dumps({"type": "end"})])
+        try:
+            srv.wait_for(srv.active, 2)
+            assert srv.wait_idle(30.0) < 30.0  # freed while both sockets are still open and unread
+            metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+            for route in ("/v1/audio/speech", WS_ROUTE):
+                assert f'cosyvoice2_errors_total{{route="{route}",code="stalled"}} 1' in metrics, metrics
+        finally:
+            http.close()
+            ws.close()
+
+
+def _raw_client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _raw_websocket(port: int, messages: list[str]) -> socket.socket:
+    """A WebSocket client by hand: the handshake, then ``messages`` as masked text frames; it never reads
+    again (a client library would keep reading in the background)."""
+    import base64
+    import os
+
+    sock = _raw_client(port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {WS_ROUTE} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: leave any frame after the headers unread
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    for text in messages:
+        data, mask = text.encode(), os.urandom(4)
+        assert len(data) < 2**16
+        size = (
+            bytes([0x80 | len(data)])
+            if len(data) < 126
+            else bytes([0x80 | 126]) + len(data).to_bytes(2, "big")
+        )
+        sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+    return sock
+
+
+def test_audio_budget_gives_413(tts, tmp_path):
+    from cosyvoice2.errors import TooLong
+
+    voice = tts.voice(prompt_wav())
+    with pytest.raises(TooLong):
+        tts.synthesize(SHORT, voice=voice, seed=0, max_tokens=2)
+    with pytest.raises(TooLong):
+        for _ in tts.stream(iter(["Hi ", "there."]), voice=voice, seed=0, max_tokens=2):
+            pass
+    assert len(tts.synthesize(SHORT, voice=voice, seed=0, max_tokens=500)) > 0
+    # 0.3 MB of flow state is 2 tokens of the fixture model: every request is over it.
+    with LiveServer(tts, data_dir=tmp_path, max_request_mb=0.3) as srv, srv.client() as c:
+        assert srv.app.state.server.max_tokens == 2
+        voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        for stream in (False, True):
+            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice_id, "stream": stream})
+            assert_error(r, 413, "audio_too_long")
+        with ws_client.connect(srv.ws_url, open_timeout=10) as ws:
+            ws.send(json.dumps({"type": "start", "voice": voice_id, "text": SHORT}))
+            ws.send(json.dumps({"type": "end"}))
+            msgs = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    msgs.append(ws.recv(timeout=10))
+            assert json.loads(msgs[-1])["error"]["code"] == "audio_too_long"
+        srv.wait_idle()
+
+
+def _lying_mp3(seconds: float, claimed_frames: int) -> bytes:
+    """An mp3 whose Info (LAME) header claims ``claimed_frames`` frames while it holds ``seconds`` s."""
+    from cosyvoice2.audio import encode_audio
+
+    t = np.arange(int(seconds * SR)) / SR
+    mp3 = bytearray(encode_audio((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), SR, "mp3"))
+    at = mp3.find(b"Info")
+    assert at > 0 and int.from_bytes(mp3[at + 4 : at + 8], "big") & 1  # the frame count is present
+    mp3[at + 8 : at + 12] = claimed_frames.to_bytes(4, "big")
+    return bytes(mp3)
+
+
+def test_lying_audio_header_cannot_pass_the_prompt_limit(live):
+    mp3 = _lying_mp3(90.0, claimed_frames=27)
+    assert sf.info(io.BytesIO(mp3)).duration < 1.0  # what libsndfile believes
+    with live.client() as c:
+        r = upload_voice(c, mp3, mime="audio/mpeg", filename="short.mp3")
+        assert_error(r, 400)
+        assert r.json()["error"]["message"].startswith("the audio is too long")
+
+
+def test_host_and_origin_checks_without_a_key(live, tts, tmp_path):
+    port = live.port
+    with live.client() as c:
+        assert c.get("/health").status_code == 200  # Host 127.0.0.1:port
+        assert c.get("/health", headers={"Host": f"localhost:{port}"}).status_code == 200
+        assert_error(c.get("/v1/voices", headers={"Host": f"attacker.example:{port}"}), 403, "forbidden_host")
+        assert_error(c.get("/health", headers={"Host": "bad host"}), 403, "forbidden_host")
+        cross = {"Origin": "http://attacker.example"}
+        assert_error(c.post("/v1/audio/speech", json={"input": "hi"}, headers=cross), 403, "forbidden_origin")
+        assert_error(c.get("/v1/voices", headers={"Origin": "null"}), 403, "forbidden_origin")
+        assert c.get("/v1/voices", headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
+    with pytest.raises(InvalidStatus) as refused:  # a cross-site page cannot open the WebSocket
+        ws_client.connect(live.ws_url, origin="http://attacker.example", open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with ws_client.connect(live.ws_url, origin=f"http://127.0.0.1:{port}", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "cancel"}))  # not a start message: refused, but the socket was opened
+        assert json.loads(ws.recv(timeout=10))["type"] == "error"
+    # Extra names on request; with an API key the key is the check.
+    with LiveServer(tts, data_dir=tmp_path, allowed_hosts=["tts.example"]) as srv, srv.client() as c:
+        assert c.get("/health", headers={"Host": "tts.example"}).status_code == 200
+    with LiveServer(tts, data_dir=tmp_path, api_key="k") as srv, srv.client() as c:
+        assert c.get("/health", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_page_keeps_the_key_out_of_urls(live):
+    page = httpx.get(live.url + "/", timeout=10).text
+    assert "api_key" not in page and "cosyvoice2.key." in page
+
+
+def test_voice_store_reconciles_rows_and_files(tmp_path, monkeypatch):
+    import cosyvoice2.fileio as fileio
+    import cosyvoice2.server.voices as voices_mod
+    from cosyvoice2.voice import VoiceReference
+
+    synced: list[Path] = []
+    real = fileio.fsync_dir
+    monkeypatch.setattr(fileio, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    monkeypatch.setattr(voices_mod, "fsync_dir", fileio.fsync_dir)
+    store = VoiceStore(tmp_path)
+    kept = store.add(VoiceReference(embedding=torch.zeros(192)), "kept")
+    lost = store.add(VoiceReference(embedding=torch.zeros(192)), "lost")
+    assert synced.count(tmp_path / "voices") == 2  # each new file's directory entry is flushed
+    store.delete(kept.id)
+    assert synced.count(tmp_path / "voices") == 3
+    again = store.add(VoiceReference(embedding=torch.zeros(192)), "again")
+    store.close()
+    (tmp_path / "voices" / f"{lost.id}.voice").unlink()  # lost behind the store's back
+    store = VoiceStore(tmp_path)
+    assert store.reconciled == {"orphan_files": 0, "temp_files": 0, "missing_files": 1}
+    assert [v.id for v in store.list()] == [again.id]
+    store.close()
+
+
+def _soak_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("cosyvoice2_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_quick(tts, tmp_path):
+    """bench/soak.py's request mix (with cancellations and bad requests) at concurrency = max_active +
+    max_queue: no 5xx, no 429, no transport errors, and every slot free at the end."""
+    import random
+
+    soak_mod = _soak_module()
+    with LiveServer(tts, data_dir=tmp_path, max_active=2, max_queue=2, queue_timeout=60) as srv:
+        with srv.client() as c:
+            voice_id = upload_voice(c, prompt_wav()).json()["id"]
+        rng = random.Random(1)
+        kinds = list(soak_mod.KINDS) * 2  # every kind, twice
+        rng.shuffle(kinds)
+        soak = soak_mod.Soak(srv.url, [voice_id], 60.0, rng)
+        results = soak_mod.drive(soak, kinds, 4, time.monotonic() + 120)
+        outcomes = [r["outcome"] for r in results]
+        assert len(results) == len(kinds)
+        assert not [r for r in results if r["outcome"] == "exception"], results
+        assert not [o for o in outcomes if isinstance(o, int) and (o >= 500 or o == 429)], results
+        for r in results:
+            if r["kind"] in ("http_stream", "http_full", "voices"):
+                assert r["outcome"] == 200, r
+            elif r["kind"] == "ws_stream":
+                assert r["outcome"] == "ok", r
+            elif r["kind"] == "bad":
+                assert r["outcome"] == 400, r
+        srv.wait_idle(10.0)
+        assert srv.queued() == 0
+
+
+@pytest.mark.slow
+def test_soak_script(tmp_path):
+    """The soak script end to end (a server process of its own; about a minute on 2 cores)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "soak.json"
+    args = ["--requests", "40", "--concurrency", "4", "--max-active", "2", "--max-queue", "2"]
+    args += ["--warmup", "10", "--model", str(model_dir()), "--out", str(out), "--max-seconds", "600"]
+    script = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
+    subprocess.run([sys.executable, str(script), *args], check=False, timeout=900, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["requests"] == 40 and report["http_5xx"] == 0 and report["http_429"] == 0, report
+    assert report["client_exceptions"] == [] and report["server_log_tracebacks"] == 0, report

@@ -97,6 +97,7 @@ class CosyVoice2:
         schedule: StreamSchedule | str | None = None,
         text_frontend: bool = True,
         trace: RequestTrace | None = None,
+        max_tokens: int | None = None,
     ) -> Request:
         schedule = StreamSchedule.parse(schedule)
         if text is not None and not isinstance(text, str) and not isinstance(text, Iterable):
@@ -111,6 +112,7 @@ class CosyVoice2:
             schedule=schedule,
             text_frontend=text_frontend,
             trace=trace,
+            max_tokens=max_tokens,
         )
 
     def synthesize(
@@ -125,6 +127,7 @@ class CosyVoice2:
         schedule: StreamSchedule | str | None = None,
         trace: RequestTrace | None = None,
         cancel: CancelToken | None = None,
+        max_tokens: int | None = None,
     ) -> np.ndarray:
         """Text (any length; long texts are split into sentences) -> float32 audio [n].
 
@@ -132,10 +135,13 @@ class CosyVoice2:
         ``schedule="fast"`` synthesises through the streaming path and joins the chunks: the voice's
         prompt work is cached and reused, at a small, bounded difference (tests/test_streaming.py).
         ``cancel``: cancelling it from another thread stops the work at once; the call then raises
-        ``Cancelled``.
+        ``Cancelled``. ``max_tokens``: the most speech tokens (25 per second of speech) one sentence may
+        take; past it the call raises ``cosyvoice2.errors.TooLong`` (None: no limit).
         """
         streamed = schedule is not None  # the fast path runs as a stream and joins its chunks
-        req = self.request(text, voice, instruct, speed, seed, streamed, schedule, trace=trace)
+        req = self.request(
+            text, voice, instruct, speed, seed, streamed, schedule, trace=trace, max_tokens=max_tokens
+        )
         chunks = self.engine.run(req, cancel)
         if progress and not streamed and isinstance(text, str):
             from tqdm import tqdm
@@ -157,13 +163,16 @@ class CosyVoice2:
         *,
         trace: RequestTrace | None = None,
         cancel: CancelToken | None = None,
+        max_tokens: int | None = None,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as they are made. ``text`` may be an iterable of pieces still being written.
 
         ``schedule``: "fast" (default: small first chunk, then growing chunks, O(chunk) work each) or
         "official" (the official chunk loop, reproducible chunk for chunk). Closing the returned
         generator (or dropping it) cancels the request and frees its state; so does cancelling ``cancel``,
-        from any thread, also while a chunk is being made (the iteration then ends).
+        from any thread, also while a chunk is being made (the iteration then ends). ``max_tokens``
+        bounds the speech tokens of one flow pass (a sentence of a string, or all of a streamed text) and
+        so the stream's flow state; past it the stream raises ``cosyvoice2.errors.TooLong``.
         """
         req = self.request(
             text,
@@ -175,6 +184,7 @@ class CosyVoice2:
             schedule=schedule,
             text_frontend=text_frontend,
             trace=trace,
+            max_tokens=max_tokens,
         )
         with contextlib.closing(self.engine.run(req, cancel)) as chunks:
             for chunk in chunks:

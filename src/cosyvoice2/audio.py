@@ -90,14 +90,17 @@ def load_audio(
     otherwise they are left untouched.
 
     Raises ``InputError`` for a missing file, undecodable or empty audio, NaN/inf samples, a duration
-    outside ``[min_seconds, max_seconds]`` and, with ``check_silence``, all-silent audio.
+    outside ``[min_seconds, max_seconds]`` and, with ``check_silence``, all-silent audio. For encoded
+    input ``max_seconds`` is also the decoders' budget: they stop, and refuse the audio, as soon as they
+    have decoded more than that, whatever the container's header claims (a small compressed file can
+    hold hours of audio, and its header can say it holds less than a second).
     """
     if sample_rate <= 0:
         raise InputError(f"target sample rate must be positive, got {sample_rate}")
     if isinstance(src, np.ndarray | Tensor):
         x, rate = _from_array(src, src_rate)
     else:
-        x, rate = _decode(*_read_bytes(src))  # [N, C]
+        x, rate = _decode(*_read_bytes(src), max_seconds=max_seconds)  # [N, C]
 
     if x.size == 0:
         raise InputError("the audio is empty (no samples)")
@@ -182,15 +185,17 @@ def _prefer_pyav(head: bytes) -> bool:
     return mp3_or_adts or mp4 or ogg_opus or matroska
 
 
-def _decode(data: bytes, name: str) -> tuple[np.ndarray, int]:
-    """Encoded bytes -> ([N, C] float32, rate): soundfile for wav/flac/ogg, PyAV for the rest."""
+def _decode(data: bytes, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Encoded bytes -> ([N, C] float32, rate): soundfile for wav/flac/ogg, PyAV for the rest.
+
+    ``max_seconds`` (None: no limit) bounds what either decoder produces; past it ``InputError``."""
     backends = [_decode_soundfile, _decode_pyav]
     if _prefer_pyav(data[:64]):
         backends.reverse()
     reasons = []
     for backend in backends:
         try:
-            return backend(data)
+            return backend(data, max_seconds)
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure means "try the next one / not audio"
@@ -208,12 +213,44 @@ def _reason(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
-    x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [N, C]
-    return x, int(rate)
+_DECODE_BLOCK = 1 << 16  # frames per soundfile read when a budget applies
 
 
-def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
+def _sample_budget(max_seconds: float | None, rate: int) -> int | None:
+    """The most samples (per channel) at ``rate`` that still fit in ``max_seconds``: n / rate <= max_seconds
+    exactly when n <= floor(max_seconds * rate), so stopping past it refuses nothing load_audio accepts."""
+    if max_seconds is None:
+        return None
+    return max(0, math.floor(max_seconds * max(rate, 1)))
+
+
+def _too_long(max_seconds: float | None) -> InputError:
+    return InputError(f"the audio is too long: over {max_seconds:g} s, at most {max_seconds:g} s is allowed")
+
+
+def _decode_soundfile(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        rate, channels = int(f.samplerate), int(f.channels)
+        budget = _sample_budget(max_seconds, rate)
+        if budget is None:
+            return f.read(dtype="float32", always_2d=True), rate  # [N, C]
+        # Read in blocks and count, rather than trust the header's frame count.
+        blocks: list[np.ndarray] = []
+        n = 0
+        while True:
+            block = f.read(_DECODE_BLOCK, dtype="float32", always_2d=True)
+            if block.shape[0] == 0:
+                break
+            n += block.shape[0]
+            if n > budget:
+                raise _too_long(max_seconds)
+            blocks.append(block)
+    if not blocks:
+        return np.zeros((0, channels), dtype=np.float32), rate
+    return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)), rate
+
+
+def _decode_pyav(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = next((s for s in container.streams if s.type == "audio"), None)
         if stream is None:
@@ -222,8 +259,13 @@ def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
         to_float = av.AudioResampler(format="fltp")
         chunks: list[np.ndarray] = []
         rate = stream.rate
+        decoded = 0  # samples per channel, counted as frames come out of the decoder
         for frame in container.decode(stream):
             rate = frame.sample_rate
+            decoded += frame.samples
+            budget = _sample_budget(max_seconds, rate)
+            if budget is not None and decoded > budget:
+                raise _too_long(max_seconds)
             chunks.extend(f.to_ndarray() for f in to_float.resample(frame))
         chunks.extend(f.to_ndarray() for f in to_float.resample(None))
     if not chunks:

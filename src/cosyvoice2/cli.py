@@ -174,6 +174,10 @@ def cmd_serve(args) -> int:
         api_key=args.api_key,
         max_active=args.max_active,
         cors_origins=args.cors_origin or [],
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout,
+        allowed_hosts=args.allowed_host or [],
     )
     return 0
 
@@ -218,8 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory (default: the model shipped with cosyvoice2)")
     p.add_argument("--data-dir", help="where saved voices live (default: $XDG_DATA_HOME/cosyvoice2)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $COSYVOICE2_API_KEY)")
-    p.add_argument("--max-active", type=int, default=2, help="concurrent requests; more get 429")
+    p.add_argument("--max-active", type=int, default=2, help="requests synthesised at once")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait (then 429)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run")
     p.add_argument("--cors-origin", action="append", help="allow a browser origin (repeatable)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        help="without an API key, also answer to this Host name (repeatable; '*': any)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

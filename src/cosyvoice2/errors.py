@@ -9,5 +9,9 @@ class InputError(CosyVoiceError, ValueError):
     """Bad request input: text, audio, voice, options."""
 
 
+class TooLong(InputError):
+    """A request's speech passed its budget (``max_tokens``): it would take more memory than allowed."""
+
+
 class ModelLoadError(CosyVoiceError):
     """A model directory or checkpoint is missing, corrupt or does not match its config."""

@@ -2,12 +2,15 @@
 
 Every writer goes through ``atomic_path``: the data is written to a temporary file in the target's own
 directory (so the final rename never crosses file systems), flushed to disk, and only then renamed over
-the target with ``os.replace``, which is atomic on POSIX and Windows. On any error the temporary file is
-removed and the old target, if any, is left untouched.
+the target with ``os.replace``, which is atomic on POSIX and Windows. The directory is then flushed too
+(``fsync_dir``): until it is, a crash can lose the rename itself, and a database row written afterwards
+could point at a file that is not there. On any error the temporary file is removed and the old target,
+if any, is left untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +35,25 @@ def atomic_path(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (renames, new and removed files) to disk. No-op where directories cannot
+    be opened or synced (Windows, some network file systems)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

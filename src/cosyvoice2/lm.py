@@ -216,6 +216,28 @@ def ras_sample(
     return tok, False
 
 
+def _redraw_valid(
+    scores: Tensor,
+    history: Sequence[int],
+    cfg: LMConfig,
+    generator: torch.Generator | None,
+    keep: Sequence[int],
+) -> int:
+    """Draw again (``ras_sample``) with every non-speech id masked except ``keep``.
+
+    For a bistream id the protocol does not allow where it was drawn: a FILL or reserved stop id after
+    the text ended (only speech ids and EOS are valid), a reserved stop id while text streams (speech ids
+    and FILL). The official loop raises there, which fails the whole request; a weak model does this
+    often enough to matter for a server. Draws that were valid are untouched, so wherever the official
+    loop does not raise, the ids (and the generator's state) are the same."""
+    masked = scores.clone()
+    masked[cfg.speech_token_size :] = -math.inf
+    for i in keep:
+        masked[i] = scores[i]
+    tok, _ = ras_sample(masked, history, cfg, generator)
+    return tok
+
+
 @dataclass
 class SamplingState:
     """Per-request decoding state (one per row of a batched engine), owned by the caller.
@@ -665,7 +687,9 @@ class CosyVoice2LM(nn.Module):
         the text ends, the rest of the text and TASK are fed and decoding runs until EOS.
         ``max_tail_tokens`` caps that last phase (the official loop has no cap; default
         ``max_token_text_ratio`` x streamed text tokens). ``trace`` records every backbone call; ``step``
-        routes the backbone calls as in ``generate``.
+        routes the backbone calls as in ``generate``. An id the protocol does not allow where it is drawn
+        (FILL after the text ended, a reserved stop id) is drawn again among the allowed ids, where the
+        official loop raises (``_redraw_valid``).
         """
         cfg = self.cfg
         n_txt, n_sp = cfg.mix_ratio
@@ -717,15 +741,13 @@ class CosyVoice2LM(nn.Module):
                     scores = logp.clone()
                     scores[eos] = -math.inf
                     tok, _ = ras_sample(scores, history, cfg, generator)
+                    if tok >= cfg.speech_token_size and tok != fill:
+                        tok = _redraw_valid(scores, history, cfg, generator, keep=(fill,))
                 if tok == fill:
                     next_fill = len(history) + n_sp + 1
                 decide(tok)
                 if tok == fill:
                     break  # `fed` keeps the already-consumed input (see the tail below)
-                if tok >= cfg.speech_token_size:
-                    raise GenerationError(
-                        f"bistream: the model produced reserved id {tok} while text streams"
-                    )
                 yield tok
                 fed = emb[tok][None]
 
@@ -741,16 +763,13 @@ class CosyVoice2LM(nn.Module):
         x = torch.cat(tail)
         cap = max_tail_tokens if max_tail_tokens is not None else int(cfg.max_token_text_ratio * n_streamed)
         for _ in range(cap):
-            tok, _ = ras_sample(call(x), history, cfg, generator)
+            logp = call(x)
+            tok, _ = ras_sample(logp, history, cfg, generator)
+            if tok >= cfg.speech_token_size and tok != eos:
+                tok = _redraw_valid(logp, history, cfg, generator, keep=(eos,))
             decide(tok)
             if tok == eos:
                 return
-            if tok >= cfg.speech_token_size:
-                raise GenerationError(
-                    f"bistream: the model produced id {tok} "
-                    f"({'FILL' if tok == fill else 'reserved stop id'}) after the text ended; "
-                    "only speech ids or EOS are valid there"
-                )
             yield tok
             x = emb[tok][None]
 

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RATES
-from .errors import InputError
+from .errors import InputError, TooLong
 from .voice import VoiceReference
 
 if TYPE_CHECKING:
@@ -161,10 +161,16 @@ class Request:
     schedule: StreamSchedule = field(default_factory=StreamSchedule)
     text_frontend: bool = True
     trace: RequestTrace | None = None
+    # The most speech tokens one flow pass may take (None: no limit): each text piece of a string, or all of
+    # a streamed text. A fast stream's flow state grows with every token (``Flow.stream_bytes_per_frame``),
+    # so this bounds a request's memory; past it the request ends with ``TooLong``.
+    max_tokens: int | None = None
 
     def validate(self) -> None:
         if not (MIN_SPEED <= float(self.speed) <= MAX_SPEED):
             raise InputError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {self.speed}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise InputError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
         if self.stream:
             self.schedule.validate()
         if self.source_tokens is not None:
@@ -381,7 +387,7 @@ class Synthesizer:
         gen = new_generator(req.seed)
         vgen = new_generator(req.seed, VOCODER_SALT) if req.stream else gen
         if req.source_tokens is not None:
-            tokens = iter(req.source_tokens.reshape(-1).tolist())
+            tokens = _limited(iter(req.source_tokens.reshape(-1).tolist()), req.max_tokens)
             yield from self._token2wav(tokens, prompt, req, vgen, cancel)
             return
         if isinstance(req.text, str):
@@ -390,11 +396,13 @@ class Synthesizer:
                 _check(cancel)
                 ids = self.models.frontend.encode(piece)
                 with self._tokens(self.lm.generate(ids, prompt, gen), cancel) as tokens:
-                    yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen, cancel)
+                    counted = _limited(self._counted(tokens, req.trace), req.max_tokens)
+                    yield from self._token2wav(counted, prompt, req, vgen, cancel)
         else:
             text_ids = self.models.stream_text_ids(req.text, req.text_frontend)
             with self._tokens(self.lm.generate_bistream(text_ids, prompt, gen), cancel) as tokens:
-                yield from self._token2wav(self._counted(tokens, req.trace), prompt, req, vgen, cancel)
+                counted = _limited(self._counted(tokens, req.trace), req.max_tokens)
+                yield from self._token2wav(counted, prompt, req, vgen, cancel)
 
     @staticmethod
     @contextlib.contextmanager
@@ -601,6 +609,21 @@ class Synthesizer:
         audio = chunk(have[offset:], [], True)
         if audio.numel():
             yield audio[0]
+
+
+def _limited(tokens: Iterator[int], limit: int | None) -> Iterator[int]:
+    """``tokens``, raising ``TooLong`` when a token past ``limit`` arrives (before the flow sees it)."""
+    if limit is None:
+        return tokens
+
+    def take() -> Iterator[int]:
+        for n, tok in enumerate(tokens, 1):
+            if n > limit:
+                seconds = limit / RATES.token_rate
+                raise TooLong(f"the speech is too long: over {limit} tokens ({seconds:.1f} s) in one piece")
+            yield tok
+
+    return take()
 
 
 def _token_ids(tokens: list[int]) -> Tensor:

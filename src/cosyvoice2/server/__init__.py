@@ -1,7 +1,8 @@
 """``cosyvoice2 serve``: an OpenAI-compatible speech API with WebSocket streaming, a voice library and a page.
 
     from cosyvoice2.server import create_app, Settings, serve
-    serve(model=None, host="127.0.0.1", port=8000, data_dir=None, api_key=None, max_active=2, cors_origins=[])
+    serve(model=None, host="127.0.0.1", port=8000, data_dir=None, api_key=None, max_active=2, cors_origins=[],
+          max_queue=8)
 
 See ``cosyvoice2.server.app`` for the routes and the WebSocket protocol. Needs the ``serve`` extra
 (fastapi, uvicorn, python-multipart, websockets).
@@ -59,13 +60,21 @@ def serve(
     api_key: str | None,
     max_active: int,
     cors_origins: list[str],
+    max_queue: int = 8,
+    queue_timeout: float = 30.0,
+    request_timeout: float = 300.0,
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Load ``model`` (a model directory; None: the default model) and serve it until interrupted.
 
     ``data_dir`` holds the voice library (None: $XDG_DATA_HOME/cosyvoice2, i.e. ~/.local/share/cosyvoice2).
     ``api_key`` (None: $COSYVOICE2_API_KEY if set, else no auth) is required as ``Authorization: Bearer``
     on every route except ``/``, ``/static/*`` and ``/health``. ``max_active`` synthesis requests run at
-    once; more get 429. ``cors_origins`` ([] = CORS off) are the browser origins allowed to call the API.
+    once, ``max_queue`` more wait up to ``queue_timeout`` seconds for a slot; beyond that 429. A request
+    may hold its slot ``request_timeout`` seconds. ``cors_origins`` ([] = CORS off) are the browser origins
+    allowed to call the API. Without an API key only requests whose Host is a loopback name, ``host``
+    itself or one of ``allowed_hosts`` are answered ("*": any; the default when ``host`` is a wildcard
+    address such as 0.0.0.0, whose names are not known here).
     """
     try:
         import uvicorn
@@ -74,26 +83,42 @@ def serve(
 
         raise CosyVoiceError("the server needs the serve extra: pip install 'cosyvoice2[serve]'") from e
     import cosyvoice2
+    from cosyvoice2.errors import CosyVoiceError
 
     if max_active < 1:
-        from cosyvoice2.errors import CosyVoiceError
-
         raise CosyVoiceError(f"max_active must be at least 1, got {max_active}")
+    if max_queue < 0:
+        raise CosyVoiceError(f"max_queue must be at least 0, got {max_queue}")
+    if queue_timeout <= 0 or request_timeout <= 0:
+        raise CosyVoiceError("queue_timeout and request_timeout must be positive")
     api_key = api_key or os.environ.get("COSYVOICE2_API_KEY") or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use it", host)
+    hosts = list(allowed_hosts or [])
+    if host in ("0.0.0.0", "::", ""):
+        hosts = hosts or ["*"]
+    else:
+        hosts.append(host)
     tts = cosyvoice2.load(model)
     settings = Settings(
-        data_dir=data_dir, api_key=api_key, max_active=max_active, cors_origins=list(cors_origins or [])
+        data_dir=data_dir,
+        api_key=api_key,
+        max_active=max_active,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        request_timeout=request_timeout,
+        cors_origins=list(cors_origins or []),
+        allowed_hosts=hosts,
     )
     app = create_app(tts, settings)
     log.info(
-        "cosyvoice2 serving on http://%s:%d (voices in %s, %d synthesis slots, auth %s)",
+        "cosyvoice2 serving on http://%s:%d (voices in %s, %d synthesis slots + %d queued, auth %s)",
         host if ":" not in host else f"[{host}]",
         port,
         settings.resolved_data_dir(),
         max_active,
+        max_queue,
         "on" if api_key else "off",
     )
     uvicorn.Server(uvicorn_config(app, host, port)).run()

@@ -19,9 +19,21 @@ model has none; a saved voice with that name wins), or nothing / ``"default"`` f
 Strings are never used as file paths.
 
 Model work is blocking and CPU-heavy, so it runs in a bounded thread pool: at most ``max_active``
-requests hold a synthesis slot; one more gets ``429`` with ``Retry-After`` (nothing is queued). A worker
-hands audio to the event loop through a small bounded buffer, so a slow client slows its own synthesis
-instead of piling up memory, and a client that goes away closes the request's generator at once.
+requests hold a synthesis slot, up to ``max_queue`` more wait for one in arrival order (at most
+``queue_timeout`` seconds), and beyond that a request gets ``429`` with ``Retry-After``. A worker hands
+audio to the event loop through a small bounded buffer, so a slow client slows its own synthesis instead
+of piling up memory, and a client that goes away (also while queued, or while a non-streamed request is
+being made) cancels the request at once.
+
+Every request is bounded in time and memory: ``request_timeout`` seconds of wall clock from the moment
+it holds a slot; ``stall_timeout`` seconds for a client that stops reading audio (or, on the WebSocket,
+``ws_idle_timeout`` without new text: empty pieces do not count); ``max_request_mb`` of flow state (a
+speech-token budget, ``TooLong`` -> 413); prompt audio decoding stops past ``max_voice_seconds`` whatever
+the file's header claims. Every malformed value is refused by the request schemas with a 4xx.
+
+Without an API key the server checks ``Host`` (loopback names, the bound host and ``allowed_hosts``)
+and ``Origin`` (same origin or a ``cors_origins`` entry), so a web page cannot reach it through DNS
+rebinding or a cross-site WebSocket.
 
 WebSocket protocol (``/v1/audio/speech/stream``; JSON text frames from the client, one request per
 connection)::
@@ -38,40 +50,57 @@ connection)::
     <- {"type": "error", "error": {"code": ..., "message": ...}}   (instead of "done"), then close
 
 With an API key configured, WebSocket clients send ``Authorization: Bearer KEY`` or, from a browser
-(which cannot set headers on a WebSocket), ``?api_key=KEY`` in the URL.
+(which cannot set headers on a WebSocket), the subprotocols ``cosyvoice2`` and ``cosyvoice2.key.`` +
+the key in unpadded base64url (``new WebSocket(url, ["cosyvoice2", "cosyvoice2.key." + b64])``); the
+server answers with ``cosyvoice2``. Keys never go in URLs (URLs end up in logs and browser history).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import parse_qs
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from cosyvoice2.audio import AUDIO_FORMATS, AudioStreamEncoder, content_type, encode_audio
-from cosyvoice2.errors import InputError
+from cosyvoice2.config import RATES
+from cosyvoice2.errors import InputError, TooLong
 from cosyvoice2.synthesis import Cancelled as SynthesisCancelled
 from cosyvoice2.synthesis import CancelToken
 
@@ -100,9 +129,24 @@ OPENAI_VOICES = (
 DEFAULT_VOICE_NAMES = ("", "default")
 OPENAI_MIN_SPEED, OPENAI_MAX_SPEED = 0.25, 4.0
 WS_ROUTE = "/v1/audio/speech/stream"
+WS_SUBPROTOCOL = "cosyvoice2"  # a browser's WebSocket asks for it; the key rides in "cosyvoice2.key.<b64>"
+WS_KEY_PREFIX = WS_SUBPROTOCOL + ".key."
 PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ERROR_CODE_KEY = "cosyvoice2.error_code"  # set in the ASGI scope by the error handlers
+CLIENT_CLOSED = 499  # nginx's "client closed request": recorded when the client left before the answer
+
+
+T = TypeVar("T")
+
+
+async def _within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``await aw`` for at most ``timeout`` seconds (None: no limit), else ``TimeoutError``. Unlike
+    Python 3.11's ``asyncio.wait_for``, a cancellation that arrives just as ``aw`` finishes is never
+    swallowed, so a cancelled task cannot carry on (holding a slot, or reading a socket forever)."""
+    async with asyncio.timeout(timeout):
+        return await aw
 
 
 def default_data_dir() -> Path:
@@ -116,8 +160,16 @@ class Settings:
 
     data_dir: str | Path | None = None
     api_key: str | None = None
-    max_active: int = 2  # synthesis slots (requests doing model work at once); more get 429
+    max_active: int = 2  # synthesis slots (requests doing model work at once)
+    max_queue: int = 8  # requests that may wait for a slot; beyond them 429 at once
+    queue_timeout: float = 30.0  # seconds a request may wait for a slot, then 429
+    request_timeout: float = 300.0  # wall-clock seconds a request may hold a slot (then 408)
+    stall_timeout: float = 20.0  # seconds a client may leave sent audio unread, then it is dropped
+    body_timeout: float = 30.0  # seconds to receive a request body (JSON or an upload)
+    max_request_mb: float = 1024.0  # flow state one request may grow (its speech-token budget)
     cors_origins: list[str] = field(default_factory=list)
+    # Host names accepted without an API key besides the loopback names; "*" accepts any (see serve).
+    allowed_hosts: list[str] = field(default_factory=list)
     max_input_chars: int = 4096  # POST /v1/audio/speech "input" (OpenAI's limit)
     max_stream_chars: int = 20_000  # all text pieces of one WebSocket request together
     max_message_chars: int = 4096  # one WebSocket text message
@@ -181,6 +233,7 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "rate_limited",
+    503: "unavailable",
 }
 
 
@@ -198,6 +251,10 @@ def _validation_message(err: PydanticValidationError | RequestValidationError) -
 def _as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, _ClientGone):
+        return ApiError(CLIENT_CLOSED, "client_closed", "the client went away")
+    if isinstance(exc, TooLong):
+        return ApiError(413, "audio_too_long", f"{exc}; send shorter text, or split it over several requests")
     if isinstance(exc, InputError):
         return ApiError(400, "invalid_request", str(exc))
     if isinstance(exc, PydanticValidationError):
@@ -211,28 +268,114 @@ def _as_api_error(exc: BaseException) -> ApiError:
 # ---------------------------------------------------------------------------------------------------
 
 
-class Slots:
-    """A non-blocking counting limit (no queue): ``try_acquire`` either takes a slot or says no."""
+class _Waiter:
+    __slots__ = ("future", "loop", "granted")
 
-    def __init__(self, n: int, metrics: Metrics) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.granted = False
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Slots:
+    """At most ``n`` synthesis slots, and a FIFO queue of at most ``max_queue`` requests waiting for one.
+
+    ``acquire`` (event loop) takes a free slot, or waits in the queue up to ``timeout`` seconds; a full
+    queue or the timeout raises a 429 ``ApiError``. ``release`` may be called from any thread (workers
+    call it when they finish): it hands the slot straight to the oldest waiter, so a freed slot cannot be
+    taken by a request that arrived later. A waiter that is cancelled (its client left) after the slot
+    was handed to it passes the slot on.
+    """
+
+    def __init__(self, n: int, max_queue: int, metrics: Metrics, retry_after: int = 1) -> None:
         self.n = max(1, int(n))
+        self.max_queue = max(0, int(max_queue))
+        self.retry_after = max(1, int(retry_after))
         self.active = 0
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._lock = threading.Lock()
         self._metrics = metrics
         metrics.max_active.set(self.n)
+        metrics.max_queue.set(self.max_queue)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _gauges(self) -> None:  # under the lock
+        self._metrics.active.set(self.active)
+        self._metrics.queued.set(len(self._waiters))
+
+    def _reject(self, why: str) -> ApiError:
+        self._metrics.rejected.inc()
+        return ApiError(429, "rate_limited", why, headers={"Retry-After": str(self.retry_after)})
 
     def try_acquire(self) -> bool:
+        """Take a free slot if there is one and nobody is queued for it; never waits."""
         with self._lock:
-            if self.active >= self.n:
+            if self.active >= self.n or self._waiters:
                 return False
             self.active += 1
-            self._metrics.active.set(self.active)
+            self._gauges()
             return True
+
+    async def acquire(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        with self._lock:
+            if self.active < self.n and not self._waiters:
+                self.active += 1
+                self._gauges()
+                return
+            if len(self._waiters) >= self.max_queue:
+                waiter = None
+            else:
+                waiter = _Waiter(asyncio.get_running_loop())
+                self._waiters.append(waiter)
+                self._gauges()
+        if waiter is None:
+            raise self._reject(
+                f"all {self.n} synthesis slots are busy and {self.max_queue} requests are waiting; "
+                "retry shortly"
+            )
+        try:
+            await _within(waiter.future, max(0.0, timeout))  # a worker's release() wakes it
+        except BaseException as e:  # TimeoutError, or CancelledError when the client went away
+            with self._lock:
+                granted = waiter.granted
+                if not granted:
+                    self._waiters.remove(waiter)
+                    self._gauges()
+            if granted and isinstance(e, TimeoutError):
+                pass  # the slot came at the last moment: take it
+            elif granted:
+                self.release()  # to the next waiter
+                raise
+            elif isinstance(e, TimeoutError):
+                raise self._reject(
+                    f"waited {timeout:g} s for one of the {self.n} synthesis slots; retry shortly"
+                ) from None
+            else:
+                raise
+        self._metrics.queue_wait.observe(time.monotonic() - t0)
 
     def release(self) -> None:
         with self._lock:
-            self.active = max(0, self.active - 1)
-            self._metrics.active.set(self.active)
+            waiter = self._waiters.popleft() if self._waiters else None
+            if waiter is None:
+                self.active = max(0, self.active - 1)
+            else:
+                waiter.granted = True  # the slot passes to the waiter: active stays the same
+            self._gauges()
+        if waiter is not None:
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+            except RuntimeError:  # its loop is closed: it will never take the slot, so pass it on
+                self.release()
 
 
 _ITEM, _END, _ERR = "item", "end", "error"
@@ -248,10 +391,13 @@ class Bridge:
     The worker may run at most ``depth`` items ahead of the consumer. ``produce`` gets the bridge's
     ``CancelToken``: ``cancel()`` cancels it, so synthesis stops at once, in the middle of a chunk, and
     the worker stops at its next step; the worker always closes the generator itself (a generator can
-    only be closed from the thread running it), which frees the request's state, and then calls
-    ``on_done`` (slot release). ``stats`` counts the seconds the worker spent computing (excluding time
+    only be closed from the thread running it), which frees the request's state. ``on_done`` (slot
+    release) is called once: when the worker finishes, or at once on ``cancel`` (what is left of a
+    cancelled request is short, and a client that left must not keep the next one waiting or make it
+    get 429). ``stats`` counts the seconds the worker spent computing (excluding time
     blocked on a slow consumer and time spent waiting for text, which the text feed reports through
-    ``waited``).
+    ``waited``). ``timeout``: wall-clock seconds from ``start``; a ``get`` past it cancels the work and
+    raises a 408 ``ApiError`` (so do all later ones).
     """
 
     def __init__(
@@ -261,10 +407,13 @@ class Bridge:
         on_done: Callable[[], None],
         depth: int,
         cancelled: threading.Event | None = None,
+        timeout: float | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self._loop = loop
         self._produce = produce
         self._on_done = on_done
+        self._after = after  # run by the worker when it has finished, last (memory trimming)
         self._q: asyncio.Queue = asyncio.Queue()
         self._room = threading.Semaphore(max(1, depth))
         self.cancelled = cancelled or threading.Event()
@@ -272,26 +421,64 @@ class Bridge:
         self.finished = threading.Event()
         self.compute_seconds = 0.0
         self.waited = 0.0  # added to by the text feed (seconds blocked waiting for text)
+        self.timeout = timeout
+        self.deadline: float | None = None
+        self._failed = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._holding = False  # a started bridge holds its slot until _release
+        self._release_lock = threading.Lock()
 
     def start(self, executor: ThreadPoolExecutor) -> None:
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
+        self._holding = True
         try:
             executor.submit(self._run)
         except BaseException:
             self.finished.set()
-            self._on_done()
+            self._release()
             raise
+
+    def _release(self) -> None:
+        with self._release_lock:
+            if not self._holding:
+                return
+            self._holding = False
+        self._on_done()
 
     def cancel(self) -> None:
         self.cancelled.set()
         self.token.cancel()
+        self._release()
 
     def fail(self, exc: BaseException) -> None:
         """From the event loop: stop the worker and make the consumer's next ``get`` raise ``exc``."""
         self.cancel()
         self._q.put_nowait((_ERR, exc))
+        if self._failure is None:
+            self._failure = exc
+            self._failed.set()
+
+    async def failed(self) -> None:
+        """Returns only by raising: what ``fail`` was first given, once it is called."""
+        await self._failed.wait()
+        assert self._failure is not None
+        raise self._failure
 
     async def get(self) -> tuple[str, Any]:
-        kind, value = await self._q.get()
+        if self.deadline is None:
+            kind, value = await self._q.get()
+        else:
+            try:
+                kind, value = await _within(self._q.get(), self.deadline - time.monotonic())
+            except TimeoutError:
+                err = ApiError(
+                    408,
+                    "deadline_exceeded",
+                    f"the request ran past the server's limit of {self.timeout:g} s; send shorter text",
+                )
+                self.fail(err)
+                raise err from None
         if kind == _ITEM:
             self._room.release()
         elif kind == _ERR:
@@ -346,10 +533,13 @@ class Bridge:
                 with contextlib.suppress(Exception):
                     gen.close()
             self.finished.set()
-            self._on_done()
+            self._release()
             # Posted last, so a consumer that saw the end also sees the slot free again.
             if final is not None:
                 self._post(final)
+            if self._after is not None:
+                with contextlib.suppress(Exception):
+                    self._after()
 
     async def result(self) -> Any:
         """For one-item producers: the item, once the worker has finished and released its slot."""
@@ -407,20 +597,57 @@ AudioFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 assert set(AudioFormat.__args__) == set(AUDIO_FORMATS)  # type: ignore[attr-defined]
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be used as request text (None: it can). A lone surrogate (JSON allows "\\ud800")
+    has no UTF-8 form, so the tokenizer, SQLite and the log would all fail on it later."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate (not valid Unicode text)"
+    return None
+
+
+def _valid_text(text: str) -> str:
+    problem = text_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+def _valid_speed(value: object) -> float:
+    """A finite number in OpenAI's range; checked before float() (float(10**400) raises OverflowError)."""
+    lo, hi = OPENAI_MIN_SPEED, OPENAI_MAX_SPEED
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    if isinstance(value, int) and not -(10**6) < value < 10**6:
+        raise ValueError(f"must be between {lo} and {hi}")
+    speed = float(value)
+    if not math.isfinite(speed) or not lo <= speed <= hi:
+        raise ValueError(f"must be between {lo} and {hi}")
+    return speed
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_text)]
+Speed = Annotated[float, BeforeValidator(_valid_speed)]
+
+
 class VoiceObject(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    id: StrictStr = Field(max_length=200)
+    id: Text = Field(max_length=200)
 
 
 class SpeechOptions(BaseModel):
-    """Options shared by the OpenAI endpoint and the WebSocket start message."""
+    """Options shared by the OpenAI endpoint and the WebSocket start message. Every field is checked here,
+    so a malformed value is a 400 with the field's name, never an error later on."""
 
     model_config = ConfigDict(extra="ignore")
 
-    voice: StrictStr | VoiceObject | None = Field(default=None)
-    speed: StrictFloat | StrictInt = 1.0
-    instruct: StrictStr | None = Field(default=None, max_length=1000)
-    instructions: StrictStr | None = Field(default=None, max_length=1000)  # OpenAI's name for it
+    voice: Text | VoiceObject | None = Field(default=None)
+    speed: Speed = 1.0
+    instruct: Text | None = Field(default=None, max_length=1000)
+    instructions: Text | None = Field(default=None, max_length=1000)  # OpenAI's name for it
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
 
     def voice_key(self) -> str | None:
@@ -435,16 +662,9 @@ class SpeechOptions(BaseModel):
         return text if text and text.strip() else None
 
     def model_speed(self) -> float:
-        speed = float(self.speed)
-        if not (OPENAI_MIN_SPEED <= speed <= OPENAI_MAX_SPEED) or not np.isfinite(speed):
-            raise ApiError(
-                400,
-                "invalid_request",
-                f"speed must be between {OPENAI_MIN_SPEED} and {OPENAI_MAX_SPEED}, got {speed}",
-                param="speed",
-            )
+        """The request's speed (OpenAI's 0.25-4 range, checked by the schema) within the model's range."""
         lo, hi = _model_speed_range()
-        return min(max(speed, lo), hi)
+        return min(max(self.speed, lo), hi)
 
 
 def _model_speed_range() -> tuple[float, float]:
@@ -457,8 +677,8 @@ def _model_speed_range() -> tuple[float, float]:
 
 
 class SpeechRequest(SpeechOptions):
-    model: StrictStr | None = Field(default=None, max_length=200)
-    input: StrictStr
+    model: Text | None = Field(default=None, max_length=200)
+    input: Text
     response_format: AudioFormat = "mp3"
     stream: StrictBool | None = None  # our field; None: stream (every format we make can stream)
     stream_format: Literal["audio"] | None = None  # OpenAI's "sse" is not supported
@@ -468,7 +688,7 @@ class StreamStart(SpeechOptions):
     type: Literal["start"]
     format: AudioFormat | None = None
     response_format: AudioFormat | None = None
-    text: StrictStr | None = None
+    text: Text | None = None
 
     def audio_format(self) -> str:
         return self.format or self.response_format or "pcm"
@@ -492,6 +712,22 @@ def _bearer(scope: dict) -> str | None:
     return None
 
 
+def ws_key_protocol(api_key: str) -> str:
+    """The WebSocket subprotocol that carries ``api_key`` (browsers cannot set headers on a WebSocket)."""
+    return WS_KEY_PREFIX + base64.urlsafe_b64encode(api_key.encode()).decode().rstrip("=")
+
+
+def _subprotocol_key(scope: dict) -> str | None:
+    for proto in scope.get("subprotocols") or ():
+        if proto.startswith(WS_KEY_PREFIX):
+            b64 = proto[len(WS_KEY_PREFIX) :]
+            try:
+                return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                return None
+    return None
+
+
 class AuthMiddleware:
     def __init__(self, app, api_key: str) -> None:
         self.app = app
@@ -500,8 +736,7 @@ class AuthMiddleware:
     def _ok(self, scope: dict) -> bool:
         token = _bearer(scope)
         if token is None and scope["type"] == "websocket":
-            qs = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            token = (qs.get("api_key") or [None])[0]
+            token = _subprotocol_key(scope)
         return token is not None and hmac.compare_digest(token.encode(), self._key)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -522,6 +757,67 @@ class AuthMiddleware:
             headers={"WWW-Authenticate": "Bearer"},
         )
         await err.response()(scope, receive, send)
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _host_name(authority: str) -> str | None:
+    """'Example.org:8000' -> 'example.org', '[::1]:8000' -> '::1'; None when it is not a host[:port]."""
+    try:
+        parts = urlsplit("//" + authority)
+        host, _ = parts.hostname, parts.port  # .port raises ValueError for a bad port
+    except ValueError:
+        return None
+    if not host or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    return host.lower()
+
+
+class HostOriginMiddleware:
+    """Refuses (403) requests whose ``Host`` is not an allowed name, and browser requests whose ``Origin``
+    is neither this server nor a configured CORS origin. Used when no API key is set: then a loopback
+    server is otherwise open to any web page, through DNS rebinding (an attacker's name that resolves to
+    127.0.0.1: the browser sends ``Host: attacker.example``) or a cross-site WebSocket, which CORS does not
+    cover. Requests without ``Origin`` (curl, SDKs) only need an allowed ``Host``.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str], cors_origins: list[str]) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {h.strip("[]").lower() for h in (*LOOPBACK_HOSTS, *allowed_hosts) if h != "*"}
+        self.origins = {o.rstrip("/").lower() for o in cors_origins}
+
+    def _problem(self, scope: dict) -> tuple[str, str] | None:
+        host_header = _header(scope, b"host")
+        host = _host_name(host_header) if host_header else None
+        if host is None or not (self.any_host or host in self.hosts):
+            return "forbidden_host", "this server does not answer to that Host name"
+        origin = _header(scope, b"origin")
+        if origin is None or origin.lower() in self.origins:
+            return None
+        parts = urlsplit(origin.lower())
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc == host_header.lower():
+            return None  # same origin: the page at / (or any page this server serves)
+        return "forbidden_origin", "requests from this web origin are not allowed (see --cors-origin)"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        problem = self._problem(scope)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        code, message = problem
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+            return
+        scope[ERROR_CODE_KEY] = code
+        await ApiError(403, code, message).response()(scope, receive, send)
 
 
 class MetricsMiddleware:
@@ -563,36 +859,58 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _declared_length(request: Request, limit: int) -> None:
+    """Refuse a body whose Content-Length is over ``limit`` before reading any of it."""
     length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise ApiError(400, "bad_request", "invalid Content-Length") from None
-        if n > limit:
-            raise ApiError(
-                413, "payload_too_large", f"request body is {n} bytes, at most {limit} are accepted"
-            )
+    if length is None:
+        return
+    if not length.isdigit() or len(length) > 18:
+        raise ApiError(400, "bad_request", "invalid Content-Length")
+    n = int(length)
+    if n > limit:
+        raise ApiError(413, "payload_too_large", f"request body is {n} bytes, at most {limit} are accepted")
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, at most ``limit`` bytes (413) and within ``timeout`` seconds (408)."""
+    _declared_length(request, limit)
     parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"request body is over {limit} bytes")
-        parts.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"request body is over {limit} bytes")
+            parts.append(chunk)
+
+    try:
+        await _within(read(), timeout)
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"the request body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise _ClientGone() from None
     return b"".join(parts)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_json(request: Request, limit: int, timeout: float) -> Any:
     if _media_type(request) != "application/json":
         raise ApiError(
             415, "unsupported_media_type", "send the request as JSON (Content-Type: application/json)"
         )
-    body = await _read_body(request, limit)
+    body = await _read_body(request, limit, timeout)
+    return _parse_json(body, "request body")
+
+
+def _parse_json(data: str | bytes, what: str) -> Any:
+    """json.loads with every failure as a 400: syntax, bad UTF-8, nesting too deep, and integers too long
+    to convert (Python refuses over 4300 digits with a plain ValueError)."""
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from None
+        return json.loads(data)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", f"{what} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise ApiError(400, "invalid_json", f"{what} is not valid JSON: {str(e)[:200]}") from None
 
 
 def _check_text(text: str, limit: int, what: str = "input") -> str:
@@ -610,61 +928,126 @@ def _check_text(text: str, limit: int, what: str = "input") -> str:
     return text
 
 
-def _probe_seconds(data: bytes, limit: float) -> None:
-    """Refuse prompt audio longer than ``limit`` before decoding it whole (a small compressed upload can
-    hold hours of audio). Undecodable data passes here; the full decoder then explains what is wrong."""
-    import io
-
-    import soundfile as sf
-
-    try:
-        info = sf.info(io.BytesIO(data))
-        if 0 < info.frames < 2**62 and info.samplerate > 0:
-            seconds = info.frames / info.samplerate
-            if seconds > limit:
-                raise InputError(f"the audio is too long: {seconds:.2f} s, at most {limit:g} s is allowed")
-            return
-    except InputError:
-        raise
-    except Exception:  # noqa: BLE001 - not a libsndfile format: count decoded samples with PyAV
-        pass
-    try:
-        import av
-
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is None:
-                return
-            seconds = 0.0
-            for frame in container.decode(stream):
-                seconds += frame.samples / max(1, frame.sample_rate)
-                if seconds > limit:
-                    raise InputError(
-                        f"the audio is too long: over {limit:g} s (at most {limit:g} s is allowed)"
-                    )
-    except InputError:
-        raise
-    except Exception:  # noqa: BLE001
-        return
-
-
 # ---------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------
 
 
-class _StreamResponse(StreamingResponse):
-    """A streaming response that cancels its synthesis however it ends (done, error, client gone)."""
+class MemoryTrim:
+    """Hands freed heap memory back to the OS after requests (glibc ``malloc_trim``), at most once per
+    ``interval`` seconds; a no-op elsewhere.
 
-    def __init__(self, content, on_close: Callable[[], None], **kwargs) -> None:
+    A request allocates and frees many large tensors of varying sizes from several threads. glibc keeps
+    freed memory in its arenas, and after a large block is freed it raises its mmap threshold, so later
+    blocks of that size come from the arenas too: the server's RSS then creeps up request after request
+    although nothing is held (measured with bench/soak.py). Trimming returns those free pages.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._trim = _malloc_trim()
+
+    def __call__(self) -> None:
+        if self._trim is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval:
+                return
+            self._last = now
+        self._trim(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+class _Abort(Exception):
+    """Ends a streaming response early: the connection is closed, so the client sees a truncated body."""
+
+
+class _StreamResponse(StreamingResponse):
+    """A streaming response that cancels its synthesis however it ends (done, error, client gone), and
+    drops a client that leaves sent audio unread for ``stall_timeout`` seconds (it would otherwise hold
+    its synthesis slot forever: the worker waits for buffer room, and the buffer waits for the client)."""
+
+    def __init__(
+        self,
+        content,
+        on_close: Callable[[], None],
+        stall_timeout: float,
+        on_stall: Callable[[], None] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(content, **kwargs)
         self._on_close = on_close
+        self._stall_timeout = stall_timeout
+        self._on_stall = on_stall
 
     async def __call__(self, scope, receive, send) -> None:
+        async def timed_send(message) -> None:
+            try:
+                await _within(send(message), self._stall_timeout)
+            except TimeoutError:
+                log.warning("dropped a client that read no audio for %g s", self._stall_timeout)
+                if self._on_stall is not None:
+                    self._on_stall()
+                raise _Abort() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send)
+        except _Abort:
+            pass  # returning without finishing the body makes the server close the connection
+        except BaseException as e:
+            if isinstance(e, BaseExceptionGroup) and all(isinstance(x, _Abort) for x in e.exceptions):
+                return
+            raise
         finally:
             self._on_close()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless(work: Awaitable[T], gone: Awaitable[Any] | None) -> T:
+    """Await ``work``, unless ``gone`` finishes first (the client left): then cancel ``work`` and raise
+    ``_ClientGone`` (or what ``gone`` raised). ``work`` wins a tie."""
+    if gone is None:
+        return await work
+    work_task, gone_task = asyncio.ensure_future(work), asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            return work_task.result()
+        gone_task.result()
+        raise _ClientGone()
+    finally:
+        for task in (work_task, gone_task):
+            if not task.done():
+                task.cancel()
+        # Let a cancelled acquire hand back the slot it may have been given before going on.
+        await asyncio.gather(work_task, gone_task, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the HTTP client has gone away (call once the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class Server:
@@ -675,10 +1058,11 @@ class Server:
         self.settings = settings
         self.sample_rate = int(tts.sample_rate)
         self.metrics = Metrics()
-        self.slots = Slots(settings.max_active, self.metrics)
-        # Slots bound the model work; the pool has room for all of it, so no accepted request waits here.
+        self.slots = Slots(settings.max_active, settings.max_queue, self.metrics, settings.retry_after)
+        # Slots bound the model work; the pool has room for all of it, and for as many cancelled requests
+        # winding down (their slots are free already), so no accepted request waits here.
         self.executor = ThreadPoolExecutor(
-            max_workers=self.slots.n + 1, thread_name_prefix="cosyvoice2-synth"
+            max_workers=2 * self.slots.n + 2, thread_name_prefix="cosyvoice2-synth"
         )
         self.store = VoiceStore(settings.resolved_data_dir(), cache_size=settings.voice_cache_size)
         self.metrics.voices.set(self.store.count())
@@ -687,6 +1071,8 @@ class Server:
             self.builtin = list(tts.speakers())
         except Exception:  # noqa: BLE001
             self.builtin = []
+        self.max_tokens = request_token_budget(tts, settings.max_request_mb)
+        self.trim = MemoryTrim()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -736,26 +1122,47 @@ class Server:
 
     # -- synthesis -------------------------------------------------------------------------------
 
-    def acquire(self) -> None:
-        if not self.slots.try_acquire():
-            self.metrics.rejected.inc()
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"all {self.slots.n} synthesis slots are busy; retry shortly",
-                headers={"Retry-After": str(self.settings.retry_after)},
-            )
+    async def admit(self, gone: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Take a synthesis slot, waiting in the queue if need be (429 when it is full or the wait is too
+        long); ``gone()`` finishing (the client left) cancels the wait with ``_ClientGone``. The caller
+        hands the slot to a bridge (``start_bridge(..., admitted=True)``) or gives it back
+        (``slots.release()``)."""
+        await _unless(self.slots.acquire(self.settings.queue_timeout), gone() if gone else None)
 
-    def start_bridge(
+    def new_bridge(
         self, produce: Callable[[CancelToken], Iterator], cancelled: threading.Event | None = None
     ) -> Bridge:
-        """Take a slot (or raise 429) and start ``produce`` in a worker, which releases the slot when done."""
-        bridge = Bridge(
-            asyncio.get_running_loop(), produce, self.slots.release, self.settings.buffer_chunks, cancelled
+        """A bridge for ``produce``, not started yet (``launch``)."""
+        return Bridge(
+            asyncio.get_running_loop(),
+            produce,
+            self.slots.release,
+            self.settings.buffer_chunks,
+            cancelled,
+            timeout=self.settings.request_timeout,
+            after=self.trim,
         )
-        self.acquire()
+
+    async def launch(
+        self, bridge: Bridge, *, gone: Callable[[], Awaitable[Any]] | None = None, admitted: bool = False
+    ) -> Bridge:
+        """Take a slot (``admit``, unless already ``admitted``) and start ``bridge``'s worker, which gives
+        the slot back when it is done. The request's wall-clock limit starts now."""
+        if not admitted:
+            await self.admit(gone)
         bridge.start(self.executor)
         return bridge
+
+    async def start_bridge(
+        self,
+        produce: Callable[[CancelToken], Iterator],
+        cancelled: threading.Event | None = None,
+        *,
+        gone: Callable[[], Awaitable[Any]] | None = None,
+        admitted: bool = False,
+    ) -> Bridge:
+        """``new_bridge`` + ``launch``."""
+        return await self.launch(self.new_bridge(produce, cancelled), gone=gone, admitted=admitted)
 
     def encoded_stream(
         self, text, voice, fmt: str, opts: SpeechOptions, speed: float
@@ -766,7 +1173,13 @@ class Server:
         def produce(cancel: CancelToken) -> Iterator[tuple[bytes, int]]:
             encoder = AudioStreamEncoder(fmt, sample_rate)
             gen = tts.stream(
-                text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed, cancel=cancel
+                text,
+                voice=voice,
+                instruct=opts.instruction(),
+                speed=speed,
+                seed=opts.seed,
+                cancel=cancel,
+                max_tokens=self.max_tokens,
             )
             try:
                 for chunk in gen:
@@ -776,6 +1189,18 @@ class Server:
                 gen.close()
 
         return produce
+
+
+def request_token_budget(tts, max_request_mb: float) -> int | None:
+    """Speech tokens whose flow state fits in ``max_request_mb`` (``Flow.stream_bytes_per_frame``; the
+    prompt's part is shared between the requests of a voice, so it is not counted). None: not known."""
+    try:
+        flow = tts.models.flow
+        dtype = getattr(getattr(tts.engine, "options", None), "flow_cache_dtype", None)
+        per_frame = flow.stream_bytes_per_frame(dtype) if dtype is not None else flow.stream_bytes_per_frame()
+    except Exception:  # noqa: BLE001 - a stand-in model without a flow: no budget
+        return None
+    return max(1, int(max_request_mb * 2**20 / (float(per_frame) * RATES.token_mel_ratio)))
 
 
 def create_app(tts, settings: Settings | None = None) -> FastAPI:
@@ -823,6 +1248,12 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return ApiError(exc.status_code, code, message, headers=dict(exc.headers or {})).response()
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, exc: _ClientGone) -> JSONResponse:
+        err = _as_api_error(exc)  # nobody reads it; the status and code are for the metrics
+        request.scope[ERROR_CODE_KEY] = err.code
+        return err.response()
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
@@ -843,6 +1274,8 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
             "formats": list(AUDIO_FORMATS),
             "active": server.slots.active,
             "max_active": server.slots.n,
+            "queued": server.slots.queued,
+            "max_queue": server.slots.max_queue,
             "auth": settings.api_key is not None,
             "uptime_seconds": round(time.time() - server.started_at, 1),
         }
@@ -865,7 +1298,7 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
         route = "/v1/audio/speech"
-        payload = await _read_json(request, settings.max_json_bytes)
+        payload = await _read_json(request, settings.max_json_bytes, settings.body_timeout)
         if not isinstance(payload, dict):
             raise ApiError(400, "invalid_request", "the request body must be a JSON object")
         try:
@@ -884,11 +1317,14 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         }
         t0 = time.perf_counter()
 
+        def gone() -> Awaitable[None]:
+            return _disconnected(request)
+
         if req.stream is False:
             produce = _offline(server, text, voice, fmt, req, speed)
-            bridge = server.start_bridge(produce)
-            try:
-                data, n = await bridge.result()
+            bridge = await server.start_bridge(produce, gone=gone)
+            try:  # the synthesis stops as soon as the client goes away
+                data, n = await _unless(bridge.result(), gone())
             except BaseException as e:
                 bridge.cancel()
                 if isinstance(e, asyncio.CancelledError):
@@ -900,12 +1336,12 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
             headers["X-RTF"] = f"{elapsed / max(n / server.sample_rate, 1e-9):.3f}"
             return Response(data, media_type=content_type(fmt), headers=headers)
 
-        bridge = server.start_bridge(server.encoded_stream(text, voice, fmt, req, speed))
+        bridge = await server.start_bridge(server.encoded_stream(text, voice, fmt, req, speed), gone=gone)
         first: list[bytes] = []
         samples = 0
         try:  # wait for the first audio bytes, so request errors still get a proper status code
             while True:
-                kind, item = await bridge.get()
+                kind, item = await _unless(bridge.get(), gone())
                 if kind == _END:
                     break
                 data, n = item
@@ -936,19 +1372,26 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
                     if data:
                         yield data
                 _observe(metrics, route, samples / server.sample_rate, bridge.compute_seconds, None)
-            except (Cancelled, asyncio.CancelledError):
+            except (Cancelled, asyncio.CancelledError, GeneratorExit):
                 raise
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - the status is sent: all we can do is cut the body
                 err = _as_api_error(e)
                 metrics.errors.inc(route=route, code=err.code)
                 log.warning("speech stream %s failed after it started: %s", request_id, err.message)
-                raise
+                raise _Abort() from None
 
         def on_close() -> None:
             bridge.cancel()
             metrics.active_streams.dec()
 
-        return _StreamResponse(body(), on_close=on_close, media_type=content_type(fmt), headers=headers)
+        return _StreamResponse(
+            body(),
+            on_close=on_close,
+            stall_timeout=settings.stall_timeout,
+            on_stall=lambda: metrics.errors.inc(route=route, code="stalled"),
+            media_type=content_type(fmt),
+            headers=headers,
+        )
 
     # -- voices --------------------------------------------------------------------------------------
 
@@ -960,43 +1403,39 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
                 "unsupported_media_type",
                 "upload the voice as multipart/form-data (fields audio, text, name)",
             )
-        body = await _read_body(request, settings.max_upload_bytes + 64 * 1024)
-        form = await _parse_form(request, body, settings)
+        limit = settings.max_upload_bytes + 64 * 1024  # the audio plus the form's other fields
+        _declared_length(request, limit)
+        # The slot comes first: no more uploads are read into memory at once than requests are admitted.
         try:
-            upload = form.get("audio") or form.get("file")
-            if upload is None or isinstance(upload, str) or not hasattr(upload, "read"):
-                raise ApiError(
-                    400, "invalid_request", "the 'audio' field must be an uploaded audio file", param="audio"
-                )
-            ctype = (upload.content_type or "").split(";")[0].strip().lower()
-            if ctype and not _audio_content_type(ctype):
-                raise ApiError(
-                    415, "unsupported_media_type", f"the uploaded file is {ctype!r}, not audio", param="audio"
-                )
-            data = await upload.read()
-            if len(data) > settings.max_upload_bytes:
-                raise ApiError(413, "payload_too_large", f"audio is over {settings.max_upload_bytes} bytes")
-            if not data:
-                raise ApiError(400, "invalid_request", "the uploaded audio is empty", param="audio")
-            text = _form_text(form, "text", MAX_TRANSCRIPT_CHARS)
-            name = clean_name(_form_text(form, "name", 200))
-        finally:
-            await form.close()
+            await server.admit()
+        except ApiError:
+            await _drain(request, limit, timeout=5.0)  # so the client reads the 429, not a reset
+            raise
+        try:
+            data, text, name = await _read_voice_upload(request, settings, limit)
+        except BaseException:
+            server.slots.release()
+            raise
 
         tts = server.tts
 
         def make(cancel: CancelToken) -> Iterator[Any]:  # voice cloning is short: not cancelled midway
-            _probe_seconds(data, settings.max_voice_seconds)
+            # The decoders stop past MAX_PROMPT_SECONDS whatever the file's header claims.
             voice = tts.voice(data, text=text, name=name)
+            if voice.duration and voice.duration > settings.max_voice_seconds:
+                raise InputError(
+                    f"the audio is too long: {voice.duration:.2f} s, "
+                    f"at most {settings.max_voice_seconds:g} s is allowed"
+                )
             if voice.duration and voice.duration < settings.min_voice_seconds:
                 raise InputError(
                     f"the audio is too short: at least {settings.min_voice_seconds:g} s is required"
                 )
             yield server.store.add(voice, name)
 
-        bridge = server.start_bridge(make)
+        bridge = await server.start_bridge(make, admitted=True)
         try:
-            info = await bridge.result()
+            info = await _unless(bridge.result(), _disconnected(request))
         except BaseException as e:
             bridge.cancel()
             if isinstance(e, asyncio.CancelledError):
@@ -1044,7 +1483,8 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # add_middleware wraps the app: the last one added is the outermost (metrics, then CORS, then auth).
+    # add_middleware wraps the app: the last one added is the outermost (metrics, then Host/Origin or
+    # CORS, then auth).
     if settings.api_key:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
@@ -1056,6 +1496,12 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["X-Request-Id", "X-Sample-Rate", "Retry-After"],
+        )
+    if not settings.api_key:
+        app.add_middleware(
+            HostOriginMiddleware,
+            allowed_hosts=list(settings.allowed_hosts),
+            cors_origins=list(settings.cors_origins),
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -1083,7 +1529,13 @@ def _offline(server: Server, text: str, voice, fmt: str, opts: SpeechOptions, sp
 
     def produce(cancel: CancelToken) -> Iterator[tuple[bytes, int]]:
         audio = tts.synthesize(
-            text, voice=voice, instruct=opts.instruction(), speed=speed, seed=opts.seed, cancel=cancel
+            text,
+            voice=voice,
+            instruct=opts.instruction(),
+            speed=speed,
+            seed=opts.seed,
+            cancel=cancel,
+            max_tokens=server.max_tokens,
         )
         yield encode_audio(audio, sample_rate, fmt), int(np.asarray(audio).size)
 
@@ -1097,23 +1549,79 @@ def _audio_content_type(ctype: str) -> bool:
     return ctype.startswith("audio/") or ctype in _AUDIO_LIKE
 
 
-async def _parse_form(request: Request, body: bytes, settings: Settings):
-    """Parse an already size-checked multipart body (replayed to Starlette's parser)."""
-    sent = False
+async def _drain(request: Request, limit: int, timeout: float) -> None:
+    """Read and drop the rest of a body we will not use (best effort, bounded in bytes and time)."""
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return
+
+    with contextlib.suppress(Exception):
+        await _within(read(), timeout)
+
+
+async def _read_voice_upload(
+    request: Request, settings: Settings, limit: int
+) -> tuple[bytes, str | None, str | None]:
+    """(audio bytes, transcript, name) of a multipart voice upload, parsed as it arrives.
+
+    The body is counted as it comes in (413 past ``limit``) and must arrive within ``body_timeout``. The
+    parser spools a file part over 1 MB to a temporary file, so the audio is held in memory once, by the
+    bytes this returns."""
+    received = 0
 
     async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise ApiError(413, "payload_too_large", f"request body is over {limit} bytes")
+        return message
 
-    replay = Request(request.scope, receive)
+    counted = Request(request.scope, receive)
     try:
-        return await replay.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+        form = await _within(
+            counted.form(max_files=1, max_fields=8, max_part_size=64 * 1024), settings.body_timeout
+        )
+    except TimeoutError:
+        raise ApiError(
+            408, "timeout", f"the upload did not arrive within {settings.body_timeout:g} s"
+        ) from None
+    except (ApiError, _ClientGone):
+        raise
+    except ClientDisconnect:
+        raise _ClientGone() from None
     except Exception as e:  # noqa: BLE001 - MultiPartException / HTTPException(400) / decode errors
         detail = getattr(e, "detail", None) or getattr(e, "message", None) or str(e) or "malformed form data"
         raise ApiError(400, "invalid_multipart", f"could not parse the upload: {detail}") from None
+    try:
+        upload = form.get("audio") or form.get("file")
+        if upload is None or isinstance(upload, str) or not hasattr(upload, "read"):
+            raise ApiError(
+                400, "invalid_request", "the 'audio' field must be an uploaded audio file", param="audio"
+            )
+        ctype = (upload.content_type or "").split(";")[0].strip().lower()
+        if ctype and not _audio_content_type(ctype):
+            raise ApiError(
+                415, "unsupported_media_type", f"the uploaded file is {ctype!r}, not audio", param="audio"
+            )
+        if upload.size is not None and upload.size > settings.max_upload_bytes:
+            raise ApiError(413, "payload_too_large", f"audio is over {settings.max_upload_bytes} bytes")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "payload_too_large", f"audio is over {settings.max_upload_bytes} bytes")
+        if not data:
+            raise ApiError(400, "invalid_request", "the uploaded audio is empty", param="audio")
+        text = _form_text(form, "text", MAX_TRANSCRIPT_CHARS)
+        name = clean_name(_form_text(form, "name", 200))
+    finally:
+        await form.close()
+    return data, text, name
 
 
 def _form_text(form, key: str, limit: int) -> str | None:
@@ -1125,8 +1633,9 @@ def _form_text(form, key: str, limit: int) -> str | None:
     value = value.strip()
     if len(value) > limit:
         raise ApiError(400, "invalid_request", f"'{key}' is too long (at most {limit} characters)", param=key)
-    if "\x00" in value:
-        raise ApiError(400, "invalid_request", f"'{key}' contains a NUL character", param=key)
+    problem = text_problem(value)
+    if problem:
+        raise ApiError(400, "invalid_request", f"'{key}' {problem}", param=key)
     return value or None
 
 
@@ -1135,41 +1644,39 @@ def _form_text(form, key: str, limit: int) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _ClientGone(Exception):
-    pass
-
-
-async def _ws_send_error(ws: WebSocket, err: ApiError, close_code: int) -> None:
+async def _ws_send_error(ws: WebSocket, err: ApiError, close_code: int, timeout: float) -> None:
     with contextlib.suppress(Exception):
         if ws.application_state == WebSocketState.CONNECTED:
-            await ws.send_json({"type": "error", **err.body()})
-            await ws.close(close_code, err.message[:120])
+            await _within(ws.send_json({"type": "error", **err.body()}), timeout)
+            await _within(ws.close(close_code, err.message[:120]), timeout)
 
 
 def _ws_message_json(msg: dict) -> dict:
     text = msg.get("text")
     if text is None:
         raise ApiError(400, "invalid_message", "send JSON text messages, not binary ones")
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ApiError(400, "invalid_json", f"message is not valid JSON: {e}") from None
+    data = _parse_json(text, "message")
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ApiError(400, "invalid_message", 'each message must be a JSON object with a "type"')
     return data
+
+
+class _Stalled(Exception):
+    """The WebSocket client read no audio for ``stall_timeout`` seconds."""
 
 
 async def _ws_session(ws: WebSocket, server: Server) -> None:
     settings, metrics = server.settings, server.metrics
     route = WS_ROUTE
     status = "ok"
-    await ws.accept()
+    asked = ws.scope.get("subprotocols") or ()
+    await ws.accept(subprotocol=WS_SUBPROTOCOL if WS_SUBPROTOCOL in asked else None)
     bridge: Bridge | None = None
     receiver: asyncio.Task | None = None
     streaming = False
     try:
         try:
-            msg = await asyncio.wait_for(ws.receive(), settings.ws_start_timeout)
+            msg = await _within(ws.receive(), settings.ws_start_timeout)
         except TimeoutError:
             raise ApiError(
                 408, "timeout", f"no start message within {settings.ws_start_timeout:g} s"
@@ -1196,10 +1703,14 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
         cancelled = threading.Event()  # shared by the feed and the bridge
         feed = TextFeed(cancelled)
         request_id = "req_" + secrets.token_hex(8)
-        t_start = time.perf_counter()
         if start.text:
             feed.put(start.text)
-        bridge = server.start_bridge(server.encoded_stream(iter(feed), voice, fmt, start, speed), cancelled)
+        bridge = server.new_bridge(server.encoded_stream(iter(feed), voice, fmt, start, speed), cancelled)
+        # The receiver runs while the request waits for a slot too: text sent meanwhile is kept, and a
+        # client that leaves, cancels or breaks the protocol while queued is noticed at once.
+        receiver = asyncio.create_task(_ws_receive(ws, feed, bridge, settings, len(start.text or "")))
+        await server.launch(bridge, gone=bridge.failed)
+        t_start = time.perf_counter()
         await ws.send_json(
             {
                 "type": "started",
@@ -1209,7 +1720,6 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
                 "sample_rate": server.sample_rate,
             }
         )
-        receiver = asyncio.create_task(_ws_receive(ws, feed, bridge, settings, len(start.text or "")))
         metrics.active_streams.inc()
         streaming = True
 
@@ -1224,7 +1734,10 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
             if data:
                 if first_at is None:
                     first_at = time.perf_counter()
-                await ws.send_bytes(data)
+                try:
+                    await _within(ws.send_bytes(data), settings.stall_timeout)
+                except TimeoutError:
+                    raise _Stalled() from None
                 sent_bytes += len(data)
                 chunks += 1
         t_end = time.perf_counter()
@@ -1233,29 +1746,38 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
         first_latency = None if first_at is None else max(0.0, first_at - origin)
         compute = max(0.0, bridge.compute_seconds - feed.waited)
         _observe(metrics, route, audio_seconds, compute, first_latency)
-        await ws.send_json(
-            {
-                "type": "done",
-                "request_id": request_id,
-                "first_packet_latency_ms": None if first_latency is None else round(first_latency * 1000, 1),
-                "audio_seconds": round(audio_seconds, 3),
-                "compute_seconds": round(compute, 3),
-                "elapsed_seconds": round(t_end - origin, 3),
-                "rtf": round(compute / audio_seconds, 4) if audio_seconds > 0 else None,
-                "bytes": sent_bytes,
-                "chunks": chunks,
-                "sample_rate": server.sample_rate,
-            }
+        await _within(
+            ws.send_json(
+                {
+                    "type": "done",
+                    "request_id": request_id,
+                    "first_packet_latency_ms": None
+                    if first_latency is None
+                    else round(first_latency * 1000, 1),
+                    "audio_seconds": round(audio_seconds, 3),
+                    "compute_seconds": round(compute, 3),
+                    "elapsed_seconds": round(t_end - origin, 3),
+                    "rtf": round(compute / audio_seconds, 4) if audio_seconds > 0 else None,
+                    "bytes": sent_bytes,
+                    "chunks": chunks,
+                    "sample_rate": server.sample_rate,
+                }
+            ),
+            settings.stall_timeout,
         )
         with contextlib.suppress(Exception):
-            await ws.close(1000)
+            await _within(ws.close(1000), settings.stall_timeout)
     except Cancelled:  # the client sent "cancel"
         status = "cancelled"
         with contextlib.suppress(Exception):
-            await ws.send_json({"type": "cancelled"})
-            await ws.close(1000)
+            await _within(ws.send_json({"type": "cancelled"}), settings.stall_timeout)
+            await _within(ws.close(1000), settings.stall_timeout)
     except (_ClientGone, WebSocketDisconnect):
         status = "client_closed"
+    except (_Stalled, TimeoutError):
+        status = "stalled"
+        metrics.errors.inc(route=route, code="stalled")
+        log.warning("dropped a WebSocket client that read no audio for %g s", settings.stall_timeout)
     except BaseException as e:
         if isinstance(e, asyncio.CancelledError):
             status = "cancelled"
@@ -1265,8 +1787,8 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
             log.error("websocket request failed: %r", e)
         status = err.code
         metrics.errors.inc(route=route, code=err.code)
-        close_code = 1013 if err.status == 429 else (1011 if err.status >= 500 else 1008)
-        await _ws_send_error(ws, err, close_code)
+        close_code = 1013 if err.status in (429, 503) else (1011 if err.status >= 500 else 1008)
+        await _ws_send_error(ws, err, close_code, settings.stall_timeout)
     finally:
         if bridge is not None:
             bridge.cancel()
@@ -1280,12 +1802,16 @@ async def _ws_session(ws: WebSocket, server: Server) -> None:
 
 
 async def _ws_receive(ws: WebSocket, feed: TextFeed, bridge: Bridge, settings: Settings, total: int) -> None:
-    """Read the client's messages while audio is being sent: text pieces, end, cancel, or disconnect."""
+    """Read the client's messages while the request runs: text pieces, end, cancel, or disconnect.
+
+    The idle limit counts from the last piece that carried text, so a client cannot keep a request (and
+    its slot) alive forever with empty pieces."""
+    last_text = time.monotonic()
     try:
         while True:
-            timeout = None if feed.ended else settings.ws_idle_timeout
+            timeout = None if feed.ended else last_text + settings.ws_idle_timeout - time.monotonic()
             try:
-                msg = await asyncio.wait_for(ws.receive(), timeout)
+                msg = await _within(ws.receive(), timeout)
             except TimeoutError:
                 raise ApiError(
                     408, "timeout", f"no text for {settings.ws_idle_timeout:g} s; send 'end' when done"
@@ -1306,8 +1832,9 @@ async def _ws_receive(ws: WebSocket, feed: TextFeed, bridge: Bridge, settings: S
                         "input_too_long",
                         f"a text message may hold at most {settings.max_message_chars} characters",
                     )
-                if "\x00" in piece:
-                    raise ApiError(400, "invalid_message", "text contains a NUL character")
+                problem = text_problem(piece)
+                if problem:
+                    raise ApiError(400, "invalid_message", f"text {problem}")
                 total += len(piece)
                 if total > settings.max_stream_chars:
                     raise ApiError(
@@ -1315,6 +1842,8 @@ async def _ws_receive(ws: WebSocket, feed: TextFeed, bridge: Bridge, settings: S
                         "input_too_long",
                         f"the streamed text is over {settings.max_stream_chars} characters",
                     )
+                if piece.strip():
+                    last_text = time.monotonic()
                 if piece:
                     feed.put(piece)
             elif kind == "end":

@@ -152,7 +152,7 @@ class Metrics:
         )
         self.errors = Counter("cosyvoice2_errors_total", "Requests that ended in an error", ("route", "code"))
         self.rejected = Counter(
-            "cosyvoice2_rejected_total", "Requests refused because all synthesis slots were busy"
+            "cosyvoice2_rejected_total", "Requests refused because the slots and the wait queue were full"
         )
         self.first_packet = Histogram(
             "cosyvoice2_first_packet_seconds",
@@ -167,6 +167,11 @@ class Metrics:
             "cosyvoice2_audio_seconds_total", "Seconds of audio synthesised", ("route",)
         )
         self.active = Gauge("cosyvoice2_active_requests", "Synthesis requests holding a slot now")
+        self.queued = Gauge("cosyvoice2_queued_requests", "Requests waiting for a synthesis slot now")
+        self.max_queue = Gauge("cosyvoice2_max_queued_requests", "Configured length of the wait queue")
+        self.queue_wait = Histogram(
+            "cosyvoice2_queue_wait_seconds", "Time queued requests waited for a slot", LATENCY_BUCKETS
+        )
         self.active_streams = Gauge(
             "cosyvoice2_active_streams", "Audio streams being sent now (HTTP streaming and WebSocket)"
         )
@@ -185,8 +190,11 @@ class Metrics:
             self.rtf,
             self.audio_seconds,
             self.active,
+            self.queued,
+            self.queue_wait,
             self.active_streams,
             self.max_active,
+            self.max_queue,
             self.voices,
             self.voice_cache,
         ]

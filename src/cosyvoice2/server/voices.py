@@ -5,9 +5,11 @@ Layout of the data directory::
     voices.sqlite3          one row per voice: id, name, transcript, duration, file, created time
     voices/<id>.voice       the VoiceReference (safetensors + JSON metadata), written atomically
 
-A voice file is written (temp file, fsync, rename) before its row is inserted, and a row is deleted before
-its file, so a crash at any point leaves at worst an orphan file, which the next start removes. Loaded
-voices are kept in a small in-memory LRU so a saved voice starts as fast as a built-in one.
+A voice file is written (temp file, fsync, rename, directory fsync) before its row is inserted, and a row
+is deleted before its file, so a crash at any point leaves at worst an orphan file. Each start reconciles
+the two: files without a row (and stale temp files) are removed, and so are rows whose file is gone (a
+disk restored from an older backup, a file deleted by hand), so no listed voice fails when it is used.
+Loaded voices are kept in a small in-memory LRU so a saved voice starts as fast as a built-in one.
 
 Ids are generated here (``v_`` + 16 hex digits) and every id from a request is checked against
 ``ID_PATTERN`` before it is used in a path, so no request can name a file outside ``voices/``.
@@ -16,6 +18,7 @@ Ids are generated here (``v_`` + 16 hex digits) and every id from a request is c
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import secrets
 import sqlite3
@@ -26,8 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cosyvoice2.errors import InputError
-from cosyvoice2.fileio import atomic_write_bytes
+from cosyvoice2.fileio import atomic_write_bytes, fsync_dir
 from cosyvoice2.voice import VoiceReference
+
+log = logging.getLogger("cosyvoice2.server")
 
 ID_PATTERN = re.compile(r"v_[0-9a-f]{16}")
 MAX_NAME_CHARS = 64
@@ -109,19 +114,32 @@ class VoiceStore:
         self._db.executescript(_SCHEMA)
         self.cache_hits = 0
         self.cache_misses = 0
-        self._remove_orphans()
+        self.reconciled = self.reconcile()
 
     # -- maintenance -----------------------------------------------------------------------------
 
-    def _remove_orphans(self) -> None:
-        """Voice files without a row (a crash between write and insert) and stale temp files."""
+    def reconcile(self) -> dict[str, int]:
+        """Make rows and files agree: remove voice files without a row (a crash between write and insert),
+        stale temp files, and rows whose file is missing. Returns what was removed, by kind."""
+        removed = {"orphan_files": 0, "temp_files": 0, "missing_files": 0}
         with self._lock:
-            known = {row[0] for row in self._db.execute("SELECT file FROM voices")}
-        for path in self.dir.iterdir():
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
-            elif path.suffix == ".voice" and path.name not in known:
-                path.unlink(missing_ok=True)
+            rows = self._db.execute("SELECT id, file FROM voices").fetchall()
+            known = {file for _, file in rows}
+            for path in self.dir.iterdir():
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)
+                    removed["temp_files"] += 1
+                elif path.suffix == ".voice" and path.name not in known:
+                    path.unlink(missing_ok=True)
+                    removed["orphan_files"] += 1
+            for voice_id, file in rows:
+                if not (self.dir / file).is_file():
+                    self._db.execute("DELETE FROM voices WHERE id = ?", (voice_id,))
+                    removed["missing_files"] += 1
+                    log.warning("voice %s: file %s is missing; removed it from the library", voice_id, file)
+            if removed["orphan_files"] or removed["temp_files"]:
+                fsync_dir(self.dir)
+        return removed
 
     def close(self) -> None:
         with self._lock:
@@ -206,6 +224,7 @@ class VoiceStore:
                 raise VoiceNotFound(voice_id)
             self._cache.pop(voice_id, None)
             (self.dir / f"{voice_id}.voice").unlink(missing_ok=True)
+            fsync_dir(self.dir)
         return info
 
     # -- loading ---------------------------------------------------------------------------------
@@ -219,7 +238,10 @@ class VoiceStore:
                 self.cache_hits += 1
                 return cached
         info = self.get(voice_id)  # validates the id
-        voice = VoiceReference.load(self.dir / f"{info.id}.voice")
+        path = self.dir / f"{info.id}.voice"
+        if not path.is_file():  # removed behind our back since the start (reconcile handles restarts)
+            raise VoiceNotFound(voice_id)
+        voice = VoiceReference.load(path)
         with self._lock:
             self.cache_misses += 1
             self._remember(voice_id, voice)
