@@ -163,7 +163,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _autoscale(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise CosyVoiceError(f"--autoscale takes MIN:MAX replicas, e.g. 1:4; got {text!r}")
+    return int(lo), int(hi)
+
+
 def cmd_serve(args) -> int:
+    if args.ray:
+        return _serve_ray(args)
     from .server import serve
 
     serve(
@@ -178,6 +189,51 @@ def cmd_serve(args) -> int:
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,
         allowed_hosts=args.allowed_host or [],
+        threads=args.threads,
+        voice_db=args.voice_db,
+        voice_files=args.voice_files,
+        voice_namespace=args.voice_namespace,
+    )
+    return 0
+
+
+def _serve_ray(args) -> int:
+    try:
+        from .server.ray_serve import ReplicaOptions, serve_ray
+    except ImportError as e:
+        raise CosyVoiceError(f"--ray needs Ray Serve: pip install 'cosyvoice2[ray]' ({e})") from None
+    if args.host in ("0.0.0.0", "::", ""):
+        hosts = list(args.allowed_host or []) or ["*"]
+    else:
+        hosts = [*(args.allowed_host or []), args.host]
+    options = ReplicaOptions.from_dict(
+        dict(
+            model=args.model,
+            threads=args.threads,
+            data_dir=args.data_dir,
+            voice_db=args.voice_db,
+            voice_files=args.voice_files,
+            voice_namespace=args.voice_namespace,
+            api_key=args.api_key,
+            max_active=args.max_active,
+            max_queue=args.max_queue,
+            queue_timeout=args.queue_timeout,
+            request_timeout=args.request_timeout,
+            cors_origins=args.cors_origin or [],
+            allowed_hosts=hosts,
+        )
+    )
+    if args.replica_cpus <= 0:
+        raise CosyVoiceError(f"--replica-cpus must be positive, got {args.replica_cpus}")
+    serve_ray(
+        options,
+        host=args.host,
+        port=args.port,
+        address=args.ray_address,
+        replicas=args.replicas,
+        autoscale=_autoscale(args.autoscale),
+        num_cpus=args.replica_cpus,
+        max_queued=args.ray_max_queued,
     )
     return 0
 
@@ -232,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="without an API key, also answer to this Host name (repeatable; '*': any)",
     )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    g = p.add_argument_group("voice library (default: SQLite + files in --data-dir)")
+    g.add_argument(
+        "--voice-db", help="postgresql://USER@HOST/DB, shared by several servers (or $COSYVOICE2_VOICE_DB)"
+    )
+    g.add_argument(
+        "--voice-files", help="voice files: a (shared) directory or s3://BUCKET/PREFIX[?endpoint=URL]"
+    )
+    g.add_argument("--voice-namespace", default="default", help="library namespace in a shared database")
+    g = p.add_argument_group("Ray Serve (pip install 'cosyvoice2[ray]')")
+    g.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas behind Ray's HTTP proxy")
+    g.add_argument("--ray-address", help="join this Ray cluster ('auto': the local one; default: start one)")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, one model each (default 1)")
+    g.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas on requests in flight instead")
+    g.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs per replica; torch threads follow (default 1)"
+    )
+    g.add_argument("--ray-max-queued", type=int, default=None, help="requests Ray may hold (then 503)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

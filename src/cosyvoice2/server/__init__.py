@@ -5,7 +5,9 @@
           max_queue=8)
 
 See ``cosyvoice2.server.app`` for the routes and the WebSocket protocol. Needs the ``serve`` extra
-(fastapi, uvicorn, python-multipart, websockets).
+(fastapi, uvicorn, python-multipart, websockets). ``cosyvoice2.server.ray_serve`` runs the same app as
+replicas on Ray Serve (the ``ray`` extra), with the voice library of ``voices.py`` shared through
+PostgreSQL and a shared directory or S3.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def serve(
     queue_timeout: float = 30.0,
     request_timeout: float = 300.0,
     allowed_hosts: list[str] | None = None,
+    threads: int | None = None,
+    voice_db: str | None = None,
+    voice_files: str | None = None,
+    voice_namespace: str = "default",
 ) -> None:
     """Load ``model`` (a model directory; None: the default model) and serve it until interrupted.
 
@@ -74,7 +80,10 @@ def serve(
     may hold its slot ``request_timeout`` seconds. ``cors_origins`` ([] = CORS off) are the browser origins
     allowed to call the API. Without an API key only requests whose Host is a loopback name, ``host``
     itself or one of ``allowed_hosts`` are answered ("*": any; the default when ``host`` is a wildcard
-    address such as 0.0.0.0, whose names are not known here).
+    address such as 0.0.0.0, whose names are not known here). ``threads``: torch's CPU threads (None: its
+    default). ``voice_db`` (None: $COSYVOICE2_VOICE_DB, else SQLite in ``data_dir``) and ``voice_files``
+    (None: ``data_dir``/voices) place the voice library elsewhere, e.g. PostgreSQL + S3 shared by several
+    servers (see ``voices.py``).
     """
     try:
         import uvicorn
@@ -100,6 +109,12 @@ def serve(
         hosts = hosts or ["*"]
     else:
         hosts.append(host)
+    if threads is not None:
+        if threads < 1:
+            raise CosyVoiceError(f"threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     tts = cosyvoice2.load(model)
     settings = Settings(
         data_dir=data_dir,
@@ -110,13 +125,16 @@ def serve(
         request_timeout=request_timeout,
         cors_origins=list(cors_origins or []),
         allowed_hosts=hosts,
+        voice_db=voice_db or os.environ.get("COSYVOICE2_VOICE_DB") or None,
+        voice_files=voice_files,
+        voice_namespace=voice_namespace,
     )
     app = create_app(tts, settings)
     log.info(
-        "cosyvoice2 serving on http://%s:%d (voices in %s, %d synthesis slots + %d queued, auth %s)",
+        "cosyvoice2 serving on http://%s:%d (voices: %s; %d synthesis slots + %d queued, auth %s)",
         host if ":" not in host else f"[{host}]",
         port,
-        settings.resolved_data_dir(),
+        app.state.server.store.describe(),
         max_active,
         max_queue,
         "on" if api_key else "off",

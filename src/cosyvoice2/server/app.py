@@ -7,6 +7,7 @@
                                            streamed as it is made unless ``stream`` is false
 ``WS   /v1/audio/speech/stream``           text pieces in, audio frames out (protocol below)
 ``POST /v1/voices``                        multipart ``audio`` (+ ``text``, ``name``) -> saved voice
+                                           (409 ``voice_name_taken``: names are unique)
 ``GET  /v1/voices``, ``/v1/voices/{id}``   the library (+ built-in speakers and OpenAI aliases)
 ``DELETE /v1/voices/{id}``
 ``GET  /v1/models``                        for clients that list models first
@@ -30,6 +31,11 @@ it holds a slot; ``stall_timeout`` seconds for a client that stops reading audio
 ``ws_idle_timeout`` without new text: empty pieces do not count); ``max_request_mb`` of flow state (a
 speech-token budget, ``TooLong`` -> 413); prompt audio decoding stops past ``max_voice_seconds`` whatever
 the file's header claims. Every malformed value is refused by the request schemas with a 4xx.
+
+The voice library (``voices.py``) is SQLite + files in ``data_dir`` by default, or PostgreSQL + a shared
+directory or S3 bucket that several servers share (``voice_db``, ``voice_files``); while it cannot be
+reached, requests that need it get ``503 voice_library_unavailable`` with ``Retry-After``. Run as Ray
+Serve replicas (``ray_serve.py``), every HTTP response names its replica in ``X-Replica``.
 
 Without an API key the server checks ``Host`` (loopback names, the bound host and ``allowed_hosts``)
 and ``Origin`` (same origin or a ``cors_origins`` entry), so a web page cannot reach it through DNS
@@ -106,7 +112,14 @@ from cosyvoice2.synthesis import CancelToken
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .voices import MAX_TRANSCRIPT_CHARS, VoiceNotFound, VoiceStore, clean_name
+from .voices import (
+    MAX_TRANSCRIPT_CHARS,
+    NameTaken,
+    StorageUnavailable,
+    VoiceNotFound,
+    clean_name,
+    open_voice_store,
+)
 
 log = logging.getLogger("cosyvoice2.server")
 
@@ -183,6 +196,15 @@ class Settings:
     retry_after: int = 1  # seconds, in 429 responses
     buffer_chunks: int = 4  # audio chunks a worker may run ahead of a slow client
     model_name: str = "cosyvoice2"
+    # The voice library (voices.py): None/None is SQLite + files in data_dir (one machine); for several
+    # servers, a postgresql:// URL and a shared directory or s3://bucket/prefix. Names are unique per
+    # namespace; several deployments may share one database under different namespaces.
+    voice_db: str | None = None
+    voice_files: str | None = None
+    voice_namespace: str = "default"
+    shared_voices: bool | None = None  # None: shared unless both are the local defaults
+    # Set by a Ray Serve replica: sent as X-Replica on every HTTP response and in /health.
+    replica_id: str | None = None
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
@@ -253,6 +275,17 @@ def _as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, _ClientGone):
         return ApiError(CLIENT_CLOSED, "client_closed", "the client went away")
+    if isinstance(exc, NameTaken):
+        message = f"{exc}; delete it first or choose another name"
+        return ApiError(409, "voice_name_taken", message, param="name")
+    if isinstance(exc, StorageUnavailable):
+        log.warning("voice library: %s", exc)
+        return ApiError(
+            503,
+            "voice_library_unavailable",
+            "the voice library is unavailable; retry shortly",
+            headers={"Retry-After": "2"},
+        )
     if isinstance(exc, TooLong):
         return ApiError(413, "audio_too_long", f"{exc}; send shorter text, or split it over several requests")
     if isinstance(exc, InputError):
@@ -850,6 +883,26 @@ class MetricsMiddleware:
                 self.metrics.errors.inc(route=path, code=code)
 
 
+class ReplicaHeaderMiddleware:
+    """Adds ``X-Replica: <id>`` to every HTTP response, so a client (or a test) behind a load balancer can
+    tell which replica served it."""
+
+    def __init__(self, app, replica_id: str) -> None:
+        self.app = app
+        self.header = (b"x-replica", replica_id.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Body reading with limits
 # ---------------------------------------------------------------------------------------------------
@@ -1064,7 +1117,14 @@ class Server:
         self.executor = ThreadPoolExecutor(
             max_workers=2 * self.slots.n + 2, thread_name_prefix="cosyvoice2-synth"
         )
-        self.store = VoiceStore(settings.resolved_data_dir(), cache_size=settings.voice_cache_size)
+        self.store = open_voice_store(
+            settings.resolved_data_dir(),
+            settings.voice_db,
+            settings.voice_files,
+            namespace=settings.voice_namespace,
+            cache_size=settings.voice_cache_size,
+            shared=settings.shared_voices,
+        )
         self.metrics.voices.set(self.store.count())
         self.started_at = time.time()
         try:
@@ -1248,6 +1308,12 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return ApiError(exc.status_code, code, message, headers=dict(exc.headers or {})).response()
 
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        err = _as_api_error(exc)
+        request.scope[ERROR_CODE_KEY] = err.code
+        return err.response()
+
     @app.exception_handler(_ClientGone)
     async def _client_gone(request: Request, exc: _ClientGone) -> JSONResponse:
         err = _as_api_error(exc)  # nobody reads it; the status and code are for the metrics
@@ -1278,10 +1344,13 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
             "max_queue": server.slots.max_queue,
             "auth": settings.api_key is not None,
             "uptime_seconds": round(time.time() - server.started_at, 1),
+            "replica": settings.replica_id,
         }
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:
+        with contextlib.suppress(StorageUnavailable):  # other servers may have changed a shared library
+            metrics.voices.set(await asyncio.to_thread(server.store.count))
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -1420,6 +1489,8 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         tts = server.tts
 
         def make(cancel: CancelToken) -> Iterator[Any]:  # voice cloning is short: not cancelled midway
+            if server.store.name_taken(name):  # before the work; the database's constraint has the last word
+                raise NameTaken(f"a saved voice is already named {name!r}")
             # The decoders stop past MAX_PROMPT_SECONDS whatever the file's header claims.
             voice = tts.voice(data, text=text, name=name)
             if voice.duration and voice.duration > settings.max_voice_seconds:
@@ -1504,6 +1575,8 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
             cors_origins=list(settings.cors_origins),
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.replica_id:
+        app.add_middleware(ReplicaHeaderMiddleware, replica_id=settings.replica_id)
     return app
 
 
