@@ -5,6 +5,7 @@ Every size, length and schedule is read from the fixture files (config.json, met
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -340,3 +341,41 @@ def test_stream_input_errors(small: dict) -> None:
     _, done = flow.stream_step(state, token_all[:, 2 : 2 + look], None, final=True)
     with pytest.raises(InputError, match="ended"):
         flow.stream_step(done, [], None, final=True)
+
+
+def _variant(small: dict, **changes) -> Flow:
+    """The fixture flow's weights under another FlowConfig (e.g. our default model's mel space)."""
+    flow = Flow(dataclasses.replace(small["flow"].cfg, **changes)).eval()
+    flow.load_state_dict(small["flow"].state_dict())
+    return flow
+
+
+def test_config_rejects_unknown_prediction_and_bad_std(small: dict) -> None:
+    with pytest.raises(ValueError, match="prediction"):
+        dataclasses.replace(small["flow"].cfg, prediction="noise")
+    with pytest.raises(ValueError, match="mel_std"):
+        dataclasses.replace(small["flow"].cfg, mel_std=0.0)
+
+
+def test_data_prediction_lands_on_the_predicted_mel(small: dict, monkeypatch) -> None:
+    """With prediction="data" the last Euler step lands on the estimator's clean-mel estimate, and the
+    output undoes the mel normalisation: an estimator that always says c gives mel = c * std + mean."""
+    flow = _variant(small, prediction="data", mel_mean=-4.0, mel_std=2.5)
+    monkeypatch.setattr(flow.estimator, "run", lambda x, *a, **k: torch.full_like(x, 0.3))
+    token_all = small["inputs"]["token_all"]
+    mel = flow.inference(token_all, *_prompt(small), streaming=False, finalize=True)
+    torch.testing.assert_close(mel, torch.full_like(mel, 0.3 * 2.5 - 4.0), atol=1e-5, rtol=0)
+
+
+def test_normalised_data_prediction_streams_like_offline(small: dict) -> None:
+    """Our default model's flow settings (normalised mel, data prediction) keep the streaming guarantee:
+    static-chunk streaming with the official schedule equals the chunk-masked offline call."""
+    flow = _variant(small, prediction="data", mel_mean=-4.0, mel_std=2.5)
+    token_all = small["inputs"]["token_all"]
+    offline = flow.inference(token_all, *_prompt(small), streaming=True, finalize=True)
+    outs, _ = _stream(
+        flow, flow.stream_start(*_prompt(small), static_chunks=True), token_all, _official_hops(small)
+    )
+    torch.testing.assert_close(torch.cat(outs, -1), offline, atol=ATOL, rtol=0)
+    velocity = small["flow"].inference(token_all, *_prompt(small), streaming=True, finalize=True)
+    assert (offline - velocity).abs().mean() > 1e-3  # the settings really change the computation

@@ -186,6 +186,44 @@ def test_yin_finds_pitch():
     assert np.all(yin_f0(np.zeros(SR, np.float32), 50) == 0)
 
 
+def test_manifest_keeps_only_the_named_utterances(tmp_path):
+    from cosyvoice2.train.data import read_manifest
+
+    corpus = make_corpus(tmp_path)
+    assert [u.id for u in read_manifest(corpus, None, ids=["utt3", "utt1"])] == ["utt1", "utt3"]
+    with pytest.raises(ValueError, match="utt5"):  # utt5 is a dev utterance
+        read_manifest(corpus, ("train",), ids=["utt1", "utt5"])
+
+
+def test_hift_reference_source_and_f0_learning_rate():
+    from cosyvoice2.train.common import TrainConfig, make_optimizer
+    from cosyvoice2.train.hift import HiftGenerator, HiftTrainConfig, _scale_f0_lr
+
+    gen = HiftGenerator(tiny_configs(0)["hift"])
+    opt = _scale_f0_lr(make_optimizer(gen, TrainConfig()), gen, TrainConfig(), 10.0)
+    f0_params = {id(p) for p in gen.net.f0_predictor.parameters()}
+    for group in opt.param_groups:
+        assert all((id(p) in f0_params) == (group["lr_scale"] == 10.0) for p in group["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(gen.parameters()))
+    mel = torch.randn(1, 80, 10) - 5
+    torch.manual_seed(0)
+    _, f0_pred = gen(mel)
+    torch.manual_seed(0)
+    audio_ref, f0_same = gen(mel, torch.full((1, 10), 200.0))
+    assert torch.equal(f0_pred, f0_same)  # the prediction is still returned for its loss
+    assert audio_ref.shape == (1, 10 * 480)
+    with pytest.raises(ValueError, match="source_f0"):
+        HiftTrainConfig(source_f0="oracle")
+
+
+def test_cepstral_peak_sees_harmonics():
+    from cosyvoice2.train.probe import cepstral_peak
+
+    tone = voice_like(1.0, 150.0, 0)
+    noise = np.random.default_rng(0).standard_normal(SR).astype(np.float32) * 0.1
+    assert cepstral_peak(tone) > 2 * cepstral_peak(noise)
+
+
 def test_batches_are_deterministic_and_sharded():
     from cosyvoice2.train.data import BatchStream
 
@@ -395,6 +433,25 @@ def test_warm_start_copies_matching_tensors(tmp_path):
         warm_start(tmp_path / "missing", model=new)
 
 
+def test_warm_start_from_an_exported_network(tmp_path):
+    """A fresh machine continues from what git holds: the exported fp16 safetensors of a network, whose
+    names lack the trainer's ``net.`` prefix."""
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.train.common import warm_start
+    from cosyvoice2.train.flow import FlowObjective, FlowTrainConfig
+
+    cfg = tiny_configs(0)["flow"]
+    torch.manual_seed(0)
+    exported = Flow(cfg)
+    save_network(tmp_path / "flow.safetensors", exported, kind="flow")
+    torch.manual_seed(1)
+    objective = FlowObjective(cfg, FlowTrainConfig())
+    n = len(objective.state_dict())
+    assert warm_start(tmp_path / "flow.safetensors", model=objective) == (n, n)
+    w = objective.net.estimator.final_proj.weight
+    torch.testing.assert_close(w, exported.estimator.final_proj.weight.half().float(), atol=0, rtol=0)
+
+
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     from cosyvoice2 import default_model
     from cosyvoice2.errors import ModelLoadError
@@ -470,6 +527,7 @@ def test_recipes_under_torchrun(tmp_path):
         )
     assert res["hift"]["d_loss"] and all(math.isfinite(x) for x in res["hift"]["d_loss"])
     assert res["hift"]["stft"] and all(math.isfinite(x) for x in res["hift"]["stft"])
+    assert res["flow"]["prior"] and all(math.isfinite(x) for x in res["flow"]["prior"])
     assert res["export"]["speakers"] == ["spk_a"]
 
 
@@ -550,7 +608,10 @@ def _driver(tmp: Path, corpus: Path) -> None:
         )
         res["lm"] = {"loss": losses("lm"), "resume_step": 3, "resumed_next_loss": losses("lm_resumed")[0]}
 
-        flow_toml = recipe("flow", config_to_dict(cfgs["flow"]), 6, save_every=3, keep_checkpoints=5, accum=2)
+        flow_extra = {"flow": {"prior_weight": 0.5}}
+        flow_toml = recipe(
+            "flow", config_to_dict(cfgs["flow"]), 6, flow_extra, save_every=3, keep_checkpoints=5, accum=2
+        )
         flow.main(["--config", str(flow_toml)])
         flow.main(
             [
@@ -568,6 +629,7 @@ def _driver(tmp: Path, corpus: Path) -> None:
             "loss": losses("flow"),
             "resume_step": 3,
             "resumed_next_loss": losses("flow_resumed")[0],
+            "prior": losses("flow", "prior"),
         }
 
         hift_toml = recipe(
@@ -581,6 +643,9 @@ def _driver(tmp: Path, corpus: Path) -> None:
                     "spec_channels": 4,
                     "adversarial_from": 1,
                     "stft_weight": 1.0,
+                    "f0_lr_scale": 10.0,
+                    "f0_bias_init": 100.0,
+                    "source_f0": "reference",
                 }
             },
             lr=2e-4,

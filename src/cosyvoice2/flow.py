@@ -127,8 +127,27 @@ class FlowConfig:
     t_scheduler: str = "cosine"  # or "linear"
     noise_seconds: int = 300  # length of the fixed noise table (official: 50 * 300 frames)
     noise_seed: int = 0
+    # The ODE runs on (mel - mel_mean) / mel_std, so that the data has the noise's scale (Matcha-TTS does the
+    # same with per-bin statistics). The official model works on the raw log mel: (0, 1), applied as no-ops.
+    # Our default model sets them from its corpus: on raw log mels (mean ~-5, std ~2.5) a small estimator
+    # left a layer of noise over the right envelope even on one training utterance.
+    mel_mean: float = 0.0
+    mel_std: float = 1.0
+    # What the estimator predicts: "velocity" (official: u = x1 - z) or "data" (the clean mel x1; the ODE
+    # takes the straight path's velocity (x1_hat - x) / (1 - t) from it, and the last Euler step lands on
+    # x1_hat). The velocity target asks the network to pass the noise through to its output with the
+    # right sign, an identity through ~10 randomly initialised layers: our small CPU-trained estimator sat
+    # on that plateau (its output's regression on the noise stayed 0.00 after 600 steps on one utterance,
+    # so the sampler's starting noise survived into the mel) while it had learnt x1 (coefficient 0.97).
+    prediction: str = "velocity"
     encoder: EncoderConfig = EncoderConfig()
     estimator: EstimatorConfig = EstimatorConfig()
+
+    def __post_init__(self) -> None:
+        if self.prediction not in ("velocity", "data"):
+            raise ValueError(f"flow prediction must be 'velocity' or 'data', got {self.prediction!r}")
+        if not self.mel_std > 0:
+            raise ValueError(f"flow mel_std must be positive, got {self.mel_std}")
 
     @property
     def noise_frames(self) -> int:
@@ -889,10 +908,17 @@ class _ODE:
             self.buffers[k] if self.buffers else None,
         )  # fmt: skip
 
-    def advance(self, v: Tensor, walk: CacheWalk, cfg_rate: float) -> None:
-        """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair."""
-        dt = self.grid[self.k][1]
-        self.x = self.x + dt * ((1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:])
+    def advance(self, v: Tensor, walk: CacheWalk, cfg_rate: float, data: bool = False) -> None:
+        """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair.
+
+        ``data``: the output predicts the clean mel (``FlowConfig.prediction``), turned into a velocity here
+        (after the guidance mix, which is linear in either form).
+        """
+        t, dt = self.grid[self.k]
+        g = (1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:]
+        if data:
+            g = (g - self.x) / (1 - t.to(g.dtype))
+        self.x = self.x + dt * g
         if self.collect:
             self.new.append(walk.result())
             self.new_buffers.append(tuple(walk.buffers))
@@ -970,7 +996,16 @@ class Flow(nn.Module):
             raise InputError(
                 f"prompt_feat must have shape [1, T, {self.cfg.n_mels}], got {tuple(prompt_feat.shape)}"
             )
+        if self.cfg.mel_mean != 0.0 or self.cfg.mel_std != 1.0:
+            prompt_feat = (prompt_feat.float() - self.cfg.mel_mean) / self.cfg.mel_std
         return prompt_feat.to(self.noise.dtype).transpose(1, 2)
+
+    def _mel_out(self, x: Tensor) -> Tensor:
+        """The ODE's end point [..] -> log mel float32 (undoes ``mel_mean``/``mel_std``)."""
+        x = x.float()
+        if self.cfg.mel_mean != 0.0 or self.cfg.mel_std != 1.0:
+            x = x * self.cfg.mel_std + self.cfg.mel_mean
+        return x
 
     def _noise(self, f0: int, f1: int) -> Tensor:
         if f1 > self.cfg.noise_frames:
@@ -1008,7 +1043,7 @@ class Flow(nn.Module):
         ode = self._ode(mu, spks, cond, noise, allowed, caches, buffers, collect, kv_dtype, share)
         while not ode.done:
             self._euler_step([ode])
-        return ode.x.float(), tuple(ode.new), tuple(ode.new_buffers)
+        return self._mel_out(ode.x), tuple(ode.new), tuple(ode.new_buffers)
 
     def _ode(
         self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
@@ -1025,12 +1060,13 @@ class Flow(nn.Module):
         that zeroes the padding; each stream attends to its own cached keys (``BatchWalk``). The GEMMs then
         round differently than alone (about 1e-6 relative), nothing else changes.
         """
-        a = self.cfg.cfg_rate
+        a, data = self.cfg.cfg_rate, self.cfg.prediction == "data"
         if len(odes) == 1:
             o = odes[0]
             walk = o.walk()
             x2, t2 = o.x.expand(_CFG_BATCH, -1, -1), o.grid[o.k][0].to(o.x.dtype).expand(_CFG_BATCH)
-            o.advance(self.estimator.run(x2, o.mask, o.mu2, t2, o.spks2, o.cond2, o.allowed, walk), walk, a)
+            v = self.estimator.run(x2, o.mask, o.mu2, t2, o.spks2, o.cond2, o.allowed, walk)
+            o.advance(v, walk, a, data)
             return
         lengths = [o.frames for o in odes]
         n = max(lengths)
@@ -1046,7 +1082,7 @@ class Flow(nn.Module):
         batch = BatchWalk(walks, lengths, [o.allowed for o in odes])
         v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, None, batch)  # [2R, M, n]
         for i, (o, walk) in enumerate(zip(odes, walks)):
-            o.advance(v[_CFG_BATCH * i : _CFG_BATCH * (i + 1), :, : o.frames], walk, a)
+            o.advance(v[_CFG_BATCH * i : _CFG_BATCH * (i + 1), :, : o.frames], walk, a, data)
 
     # -- official inference ----------------------------------------------------------------------
 
@@ -1213,7 +1249,7 @@ class Flow(nn.Module):
             return block.state.prompt_mel.new_zeros(1, self.cfg.n_mels, 0), block.state
         o = block.ode
         state = replace(block.state, estimator=tuple(o.new), estimator_buffers=tuple(o.new_buffers))
-        return o.x.float()[:, :, block.in_prompt :], state
+        return self._mel_out(o.x[:, :, block.in_prompt :]), state
 
     def _advance(
         self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False

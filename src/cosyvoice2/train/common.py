@@ -269,7 +269,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def warm_start(source: str | Path, **modules: nn.Module) -> tuple[int, int]:
     """Copy into each of ``modules`` the weights that ``source`` (a checkpoint, or a run folder's latest)
     holds under the same keyword ("model", "disc", ...) with matching names and shapes; the rest keep
-    their initialisation. Returns (tensors copied, tensors in the modules)."""
+    their initialisation. An exported ``.safetensors`` network counts as the "model" entry, so a fresh
+    machine can continue from what git holds. Returns (tensors copied, tensors in the modules)."""
     path = Path(source)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -278,10 +279,18 @@ def warm_start(source: str | Path, **modules: nn.Module) -> tuple[int, int]:
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
-    ckpt = load_checkpoint(path)
+    if path.suffix == ".safetensors":
+        # An exported network (e.g. the shipped default model's): plain names, maybe fp16. Trainers wrap the
+        # network as ``net`` in their objective, so its names are matched with and without that prefix.
+        from safetensors.torch import load_file
+
+        ckpt = {"model": {k: v.float() for k, v in load_file(str(path)).items()}}
+    else:
+        ckpt = load_checkpoint(path)
     copied = total = 0
     for key, module in modules.items():
-        mine, theirs = module.state_dict(), ckpt.get(key, {})
+        mine, theirs = module.state_dict(), dict(ckpt.get(key, {}))
+        theirs.update({f"net.{k}": v for k, v in theirs.items() if f"net.{k}" in mine and k not in mine})
         take = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
         module.load_state_dict(take, strict=False)
         copied, total = copied + len(take), total + len(mine)

@@ -14,7 +14,8 @@
    zeroed together;
 6. unified streaming/offline training: with probability ``chunk_prob`` per batch both the encoder and the
    estimator use the static chunk masks (the streaming attention pattern), else full attention;
-7. loss: MSE between the estimator's output and u over the valid frames.
+7. loss: MSE between the estimator's output and u over the valid frames, plus ``prior_weight`` x MSE
+   between mu and the target mel (not in the official recipe; see ``FlowTrainConfig``).
 
 The target mel is ``audio.prompt_mel`` of the 24 kHz audio padded to a whole number of tokens (960
 samples), so mel frames = 2 x tokens; tokens and mel are cut to the shorter of the two.
@@ -51,6 +52,10 @@ class FlowTrainConfig:
     prompt_max: float = 0.3  # the longest prompt prefix, as a share of the frames
     chunk_prob: float = 0.5
     embedding: str = "utterance"  # speaker condition: "utterance" embedding or the "speaker" mean
+    # Prior loss (Grad-TTS / Matcha-TTS): MSE between the encoder's mu and the target mel on valid frames.
+    # The official recipe has none (mu is learnt only through the estimator); with a CPU budget it makes the
+    # encoder a mel regressor from the first steps, so the ODE starts near the answer. Inference is unchanged.
+    prior_weight: float = 0.0
 
 
 class FlowObjective(nn.Module):
@@ -63,12 +68,14 @@ class FlowObjective(nn.Module):
         """tokens [B, N], token_lens [B], mel [B, M, T = rN], embedding [B, E] -> loss."""
         flow, tc = self.net, self.train_cfg
         tokens, token_lens, x1 = batch["tokens"], batch["token_lens"], batch["mel"]
+        if flow.cfg.mel_mean != 0.0 or flow.cfg.mel_std != 1.0:  # the space the ODE runs in (FlowConfig)
+            x1 = (x1 - flow.cfg.mel_mean) / flow.cfg.mel_std
         b, m, t_len = x1.shape
         valid_tok = torch.arange(tokens.shape[1], device=tokens.device)[None] < token_lens[:, None]
         x = flow.token_embed(tokens.clamp(min=0)) * valid_tok[..., None]
         streaming = bool(torch.rand(()) < tc.chunk_prob)
         h, frame_mask = flow.encoder(x, token_lens, streaming=streaming)  # [B, T, D], [B, 1, T]
-        mu = flow.encoder_proj(h).transpose(1, 2)  # [B, M, T]
+        mu = mu_full = flow.encoder_proj(h).transpose(1, 2)  # [B, M, T]
         mask = frame_mask.to(x1.dtype)
         spks = flow.spk_proj(F.normalize(batch["embedding"], dim=1))
 
@@ -90,8 +97,13 @@ class FlowObjective(nn.Module):
         keep = (torch.rand(b, device=x1.device) > tc.cond_drop).to(x1.dtype)
         mu, spks, cond = mu * keep[:, None, None], spks * keep[:, None], cond * keep[:, None, None]
         pred = flow.estimator(y, mask, mu, t, spks, cond, streaming=streaming)
-        loss = F.mse_loss(pred * mask, u * mask, reduction="sum") / (mask.sum() * m)
-        return {"loss": loss, "streaming": torch.tensor(float(streaming))}
+        target = x1 if flow.cfg.prediction == "data" else u
+        fm = F.mse_loss(pred * mask, target * mask, reduction="sum") / (mask.sum() * m)
+        out = {"loss": fm, "streaming": torch.tensor(float(streaming))}
+        if tc.prior_weight:
+            prior = F.mse_loss(mu_full * mask, x1 * mask, reduction="sum") / (mask.sum() * m)
+            out.update(loss=fm + tc.prior_weight * prior, fm=fm.detach(), prior=prior.detach())
+        return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,9 +111,9 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         )
     n = min(mel.shape[2], ref.shape[1])
     row = {"mel_l1": round(float((mel[0, :, :n] - ref[:, :n]).abs().mean()), 4)}
-    gl = griffin_lim(mel[0].T).numpy() if mel.dim() == 3 else None
+    gl = griffin_lim(mel[0]).numpy()
     row["error_griffin_lim"], row["hyp_griffin_lim"] = listen(gl, utt)
-    row["error_griffin_lim_ref"] = listen(griffin_lim(ref.T).numpy(), utt)[0]
+    row["error_griffin_lim_ref"] = listen(griffin_lim(ref).numpy(), utt)[0]
     if args.hift:
         voc = network_from_run("hift", args.hift)
         with torch.no_grad():
