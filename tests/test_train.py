@@ -286,6 +286,20 @@ def test_native_roundtrip_synthesises(tmp_path):
     tts.models.lm.cfg = dataclasses.replace(tts.models.lm.cfg, max_token_text_ratio=4.0)
     audio = tts.synthesize("hello", seed=1)
     assert audio.dtype == np.float32 and audio.size > 0 and np.isfinite(audio).all()
+    # --base: replace one network, keep every other file byte for byte (here in place)
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.train.export import main as export_main
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    torch.manual_seed(5)
+    new_flow = Flow(dataclasses.replace(cfgs["flow"], prediction="data", mel_mean=-5.0, mel_std=2.5))
+    save_network(tmp_path / "new_flow.safetensors", new_flow, kind="flow")
+    export_main(["--base", str(out), "--flow", str(tmp_path / "new_flow.safetensors"), "--out", str(out)])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert before.keys() == after.keys()
+    assert {k for k in before if before[k] != after[k]} == {Path("flow.safetensors"), Path("cosyvoice2.json")}
+    tts = cosyvoice2.load(out, text_backend="none")
+    assert tts.models.flow.cfg.prediction == "data" and tts.speakers() == ["spk1"]
     # saving again replaces the directory atomically
     save_native_dir(out, **nets, text_tokenizer_dir=tok_dir, speakers={})
     assert cosyvoice2.load(out, text_backend="none").speakers() == []

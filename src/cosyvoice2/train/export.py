@@ -9,6 +9,13 @@ command line puts every network, the text tokenizer and a few built-in voices in
 
 Built-in voices: for each chosen corpus speaker, one utterance of ``prompt_seconds`` (closest) from the
 train split becomes the prompt (tokens, mel, transcript) with the speaker's mean embedding.
+
+``--base DIR`` starts from an existing native directory instead (e.g. the shipped default model) and
+replaces only the networks named on the command line, keeping its other networks, its text tokenizer and
+its built-in voices as they are: one session's update of the default model touches only what improved::
+
+    python -m cosyvoice2.train.export --base src/cosyvoice2/assets/default_model --flow exp/b3/flow \
+        --hift exp/b3/hift --out /tmp/candidate
 """
 
 from __future__ import annotations
@@ -119,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--default-speaker", help="the voice used when none is given (default: the first)")
     ap.add_argument("--prompt-seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--base", type=Path, help="native model directory whose other parts are kept")
     args = ap.parse_args(argv)
+    if args.base is not None:
+        return update_native(args)
 
     nets = {}
     for kind, sub in RUN_DIRS.items():
@@ -156,6 +166,60 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps({"out": str(out), "bytes": size, "params": n_params, "speakers": list(voices)}, indent=2)
     )
+
+
+def update_native(args: argparse.Namespace) -> None:
+    """``--base``: a copy of the base directory in which only the named networks (and their config
+    sections) are replaced; every other file is copied byte for byte. Written atomically like
+    ``save_native_dir`` (``--out`` may be ``--base`` itself)."""
+    import copy
+    import os
+    import shutil
+    import tempfile
+
+    from ..default_model import (
+        NATIVE_CONFIG,
+        check_compatible,
+        config_to_dict,
+        read_native_config,
+        save_network,
+    )
+    from ..hift import remove_weight_norm
+
+    raw, cfgs = read_native_config(args.base)
+    replaced = {kind: getattr(args, kind) for kind in RUN_DIRS if getattr(args, kind)}
+    nets = {kind: network_from_run(kind, given) for kind, given in replaced.items()}
+    if "hift" in nets and any(nn.utils.parametrize.is_parametrized(m) for m in nets["hift"].modules()):
+        nets["hift"] = remove_weight_norm(copy.deepcopy(nets["hift"]))
+    check_compatible({**cfgs, **{k: m.cfg for k, m in nets.items()}})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        shutil.copytree(args.base, tmp, dirs_exist_ok=True)
+        tmp.chmod(0o755)
+        for kind, net in nets.items():
+            save_network(tmp / f"{kind}.safetensors", net, kind=kind)
+            raw[kind] = config_to_dict(net.cfg)
+        if replaced:
+            raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}
+        (tmp / NATIVE_CONFIG).write_text(
+            json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        read_native_config(tmp)  # the result must load before it replaces anything
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(json.dumps({"out": str(out), "base": str(args.base), "replaced": sorted(replaced)}, indent=2))
 
 
 if __name__ == "__main__":
