@@ -27,7 +27,8 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,30 @@ def check_compatible(cfgs: Mapping[str, Any]) -> None:
         raise ModelLoadError("flow n_mels and hift in_channels differ")
 
 
+@contextmanager
+def replacing_dir(root: Path) -> Iterator[Path]:
+    """A temporary sibling directory to fill; when the block ends without error it replaces ``root`` (made
+    readable by all, then renamed into place, so ``root`` is always the old tree or the new one, never a
+    mix), and on error it is removed and ``root`` is left as it was."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be read by others
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        old = None
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{os.getpid()}"
+            os.replace(root, old)
+        os.replace(tmp, root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_native_dir(
     path: str | os.PathLike,
     *,
@@ -258,10 +283,7 @@ def save_native_dir(
     if n_text > lm.cfg.vocab_size:
         raise CosyVoiceError(f"text tokenizer has {n_text} ids but the LM embeds only {lm.cfg.vocab_size}")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be read by others
+    with replacing_dir(root) as tmp:
         config = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION}
         for key, model in nets.items():
             config[key] = config_to_dict(model.cfg)
@@ -285,18 +307,6 @@ def save_native_dir(
         (tmp / NATIVE_CONFIG).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        for f in tmp.rglob("*"):  # temp files are created private; a model is meant to be readable
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        old = None
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.replace(root, old)
-        os.replace(tmp, root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

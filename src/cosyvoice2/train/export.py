@@ -173,15 +173,14 @@ def update_native(args: argparse.Namespace) -> None:
     sections) are replaced; every other file is copied byte for byte. Written atomically like
     ``save_native_dir`` (``--out`` may be ``--base`` itself)."""
     import copy
-    import os
     import shutil
-    import tempfile
 
     from ..default_model import (
         NATIVE_CONFIG,
         check_compatible,
         config_to_dict,
         read_native_config,
+        replacing_dir,
         save_network,
     )
     from ..hift import remove_weight_norm
@@ -193,32 +192,16 @@ def update_native(args: argparse.Namespace) -> None:
         nets["hift"] = remove_weight_norm(copy.deepcopy(nets["hift"]))
     check_compatible({**cfgs, **{k: m.cfg for k, m in nets.items()}})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with replacing_dir(out) as tmp:
         shutil.copytree(args.base, tmp, dirs_exist_ok=True)
-        tmp.chmod(0o755)
         for kind, net in nets.items():
             save_network(tmp / f"{kind}.safetensors", net, kind=kind)
             raw[kind] = config_to_dict(net.cfg)
         if replaced:
             raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}
-        (tmp / NATIVE_CONFIG).write_text(
-            json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
+        text = json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
+        (tmp / NATIVE_CONFIG).write_text(text, encoding="utf-8")
         read_native_config(tmp)  # the result must load before it replaces anything
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(json.dumps({"out": str(out), "base": str(args.base), "replaced": sorted(replaced)}, indent=2))
 
 
