@@ -1291,11 +1291,14 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         request.scope[ERROR_CODE_KEY] = exc.code  # for the errors metric
         return exc.response()
 
-    @app.exception_handler(InputError)
-    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    async def _mapped_error(request: Request, exc: Exception) -> JSONResponse:
+        # (for _ClientGone nobody reads the response; its status and code are for the metrics)
         err = _as_api_error(exc)
         request.scope[ERROR_CODE_KEY] = err.code
         return err.response()
+
+    for exc_type in (InputError, StorageUnavailable, _ClientGone):
+        app.add_exception_handler(exc_type, _mapped_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -1307,18 +1310,6 @@ def create_app(tts, settings: Settings | None = None) -> FastAPI:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return ApiError(exc.status_code, code, message, headers=dict(exc.headers or {})).response()
-
-    @app.exception_handler(StorageUnavailable)
-    async def _storage_unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
-        err = _as_api_error(exc)
-        request.scope[ERROR_CODE_KEY] = err.code
-        return err.response()
-
-    @app.exception_handler(_ClientGone)
-    async def _client_gone(request: Request, exc: _ClientGone) -> JSONResponse:
-        err = _as_api_error(exc)  # nobody reads it; the status and code are for the metrics
-        request.scope[ERROR_CODE_KEY] = err.code
-        return err.response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
