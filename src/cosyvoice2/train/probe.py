@@ -24,6 +24,7 @@ Every row also holds ``ref_error`` (Whisper on the corpus audio itself), the cei
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -35,8 +36,16 @@ from torch import Tensor
 from ..audio import griffin_lim, prompt_mel, resample
 from ..config import RATES
 from .data import FeatureCache, Utt, load_wav, read_manifest
-from .export import network_from_run
+from .export import network_from_run as _network_from_run
 from .hift import yin_f0
+
+# Every probed utterance uses the same networks and feature caches: load each once per process.
+network_from_run = functools.cache(_network_from_run)
+
+
+@functools.cache
+def _features(cache: str, name: str) -> dict[str, Tensor]:
+    return FeatureCache(cache, name).load()
 
 
 def cepstral_peak(
@@ -100,8 +109,8 @@ def probe_hift(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
 
 def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     net = network_from_run("flow", args.run)
-    tokens = FeatureCache(args.cache, "tokens").load()[utt.id].long()[None]
-    emb = FeatureCache(args.cache, "embeddings").load()[utt.id].float()[None]
+    tokens = _features(args.cache, "tokens")[utt.id].long()[None]
+    emb = _features(args.cache, "embeddings")[utt.id].float()[None]
     ref = _mel(wav)
     with torch.no_grad():
         torch.manual_seed(0)
@@ -136,7 +145,7 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     tok = TextTokenizer.from_dir(
         tok_dir / "text_tokenizer" if (tok_dir / "text_tokenizer").is_dir() else tok_dir
     )
-    speech = FeatureCache(args.cache, "tokens").load()[utt.id].long()
+    speech = _features(args.cache, "tokens")[utt.id].long()
     text = torch.tensor(tok.encode(utt.text), dtype=torch.long)
     with torch.no_grad():
         lens = torch.tensor([len(text)]), torch.tensor([len(speech)])
