@@ -177,24 +177,26 @@ def cmd_serve(args) -> int:
         return _serve_ray(args)
     from .server import serve
 
-    serve(
+    serve(**_server_settings(args), host=args.host, port=args.port, allowed_hosts=args.allowed_host or [])
+    return 0
+
+
+def _server_settings(args) -> dict:
+    """The settings a server process (or each Ray replica) takes from the command line."""
+    return dict(
         model=args.model,
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        api_key=args.api_key,
-        max_active=args.max_active,
-        cors_origins=args.cors_origin or [],
-        max_queue=args.max_queue,
-        queue_timeout=args.queue_timeout,
-        request_timeout=args.request_timeout,
-        allowed_hosts=args.allowed_host or [],
         threads=args.threads,
+        data_dir=args.data_dir,
         voice_db=args.voice_db,
         voice_files=args.voice_files,
         voice_namespace=args.voice_namespace,
+        api_key=args.api_key,
+        max_active=args.max_active,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout,
+        cors_origins=args.cors_origin or [],
     )
-    return 0
 
 
 def _serve_ray(args) -> int:
@@ -206,23 +208,7 @@ def _serve_ray(args) -> int:
         hosts = list(args.allowed_host or []) or ["*"]
     else:
         hosts = [*(args.allowed_host or []), args.host]
-    options = ReplicaOptions.from_dict(
-        dict(
-            model=args.model,
-            threads=args.threads,
-            data_dir=args.data_dir,
-            voice_db=args.voice_db,
-            voice_files=args.voice_files,
-            voice_namespace=args.voice_namespace,
-            api_key=args.api_key,
-            max_active=args.max_active,
-            max_queue=args.max_queue,
-            queue_timeout=args.queue_timeout,
-            request_timeout=args.request_timeout,
-            cors_origins=args.cors_origin or [],
-            allowed_hosts=hosts,
-        )
-    )
+    options = ReplicaOptions.from_dict({**_server_settings(args), "allowed_hosts": hosts})
     if args.replica_cpus <= 0:
         raise CosyVoiceError(f"--replica-cpus must be positive, got {args.replica_cpus}")
     serve_ray(
