@@ -277,7 +277,9 @@ def test_decoders_stop_at_max_seconds(fmt, monkeypatch):
         load_audio(data, SR16, max_seconds=1.0)
     seen: list = []  # soundfile blocks read / mp3 frames converted
     if fmt == "mp3":
-        monkeypatch.setattr(audio.av, "AudioResampler", _counting_resampler(audio.av.AudioResampler, seen))
+        import av
+
+        monkeypatch.setattr(av, "AudioResampler", _counting_resampler(av.AudioResampler, seen))
     else:
         read = audio.sf.SoundFile.read
         monkeypatch.setattr(audio.sf.SoundFile, "read", lambda f, *a, **k: seen.append(1) or read(f, *a, **k))

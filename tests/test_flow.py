@@ -367,10 +367,31 @@ def test_data_prediction_lands_on_the_predicted_mel(small: dict, monkeypatch) ->
     torch.testing.assert_close(mel, torch.full_like(mel, 0.3 * 2.5 - 4.0), atol=1e-5, rtol=0)
 
 
-def test_normalised_data_prediction_streams_like_offline(small: dict) -> None:
-    """Our default model's flow settings (normalised mel, data prediction) keep the streaming guarantee:
-    static-chunk streaming with the official schedule equals the chunk-masked offline call."""
-    flow = _variant(small, prediction="data", mel_mean=-4.0, mel_std=2.5)
+def test_residual_prediction_adds_mu_in_the_conditional_pass_only(small: dict, monkeypatch) -> None:
+    """prediction="residual": the clean-mel estimate is mu + the estimator's output in the conditional row
+    and the output alone in the unconditional one (whose mu is zero). With an estimator that says 0 and no
+    guidance, the last Euler step lands on mu itself: the flow is the encoder's regression."""
+    flow = _variant(small, prediction="residual", cfg_rate=0.0)
+    monkeypatch.setattr(flow.estimator, "run", lambda x, *a, **k: torch.zeros_like(x))
+    token_all = small["inputs"]["token_all"]
+    seen = {}
+    real_ode = flow._ode
+
+    def spy(mu, *args, **kwargs):
+        seen["mu"] = mu
+        return real_ode(mu, *args, **kwargs)
+
+    monkeypatch.setattr(flow, "_ode", spy)
+    mel = flow.inference(token_all, *_prompt(small), streaming=False, finalize=True)
+    mu = seen["mu"][..., -mel.shape[-1] :]
+    torch.testing.assert_close(mel, mu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["data", "residual"])
+def test_normalised_data_prediction_streams_like_offline(small: dict, prediction: str) -> None:
+    """Our default model's flow settings (normalised mel, data or residual prediction) keep the streaming
+    guarantee: static-chunk streaming with the official schedule equals the chunk-masked offline call."""
+    flow = _variant(small, prediction=prediction, mel_mean=-4.0, mel_std=2.5)
     token_all = small["inputs"]["token_all"]
     offline = flow.inference(token_all, *_prompt(small), streaming=True, finalize=True)
     outs, _ = _stream(

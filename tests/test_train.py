@@ -224,6 +224,73 @@ def test_cepstral_peak_sees_harmonics():
     assert cepstral_peak(tone) > 2 * cepstral_peak(noise)
 
 
+def test_time_budget_drives_the_schedule_and_the_stop():
+    """``max_minutes``: progress is the larger of the step and time shares, the cosine decay follows it,
+    and the run is done when either reaches 1."""
+    from cosyvoice2.train.common import Budget, TrainConfig, lr_at
+
+    cfg = TrainConfig(max_steps=1000, max_minutes=10.0, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    budget = Budget(cfg, step=0, seconds=300.0)  # half the time already spent by an earlier process
+    assert budget.progress(100) == pytest.approx(0.5)
+    assert lr_at(100, cfg, budget.progress(100)) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5), rel=1e-3)
+    assert not budget.done(999) and budget.done(1000)
+    budget.time_frac = 1.0
+    assert budget.done(100) and lr_at(100, cfg, budget.progress(100)) == pytest.approx(1e-5)
+    assert lr_at(5, cfg, 0.9) == pytest.approx(1e-3 * 6 / 10)  # warm-up stays step-based
+    assert Budget(TrainConfig(max_steps=10)).progress(5) == 0.5  # no time limit: steps alone
+
+
+def test_mel_codes_roundtrip():
+    from cosyvoice2.train.flow import MEL_CODE_STEP, dequantize_mel, quantize_mel
+
+    mel = torch.linspace(-11.5129, 2.5, 4000).reshape(80, 50)
+    codes = quantize_mel(mel)
+    assert codes.dtype == torch.uint8
+    assert (dequantize_mel(codes) - mel).abs().max() <= MEL_CODE_STEP / 2 + 1e-6
+
+
+def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
+    """The flow trainer reads 8-bit mels from the cache (no audio needed once extracted), trains the
+    residual prediction with the prior loss, and a time-boxed run stops and saves on its own."""
+    from safetensors.torch import load_file, save_file
+
+    from cosyvoice2.train import extract, flow
+    from cosyvoice2.train.common import Dist, latest_checkpoint, load_checkpoint, read_jsonl
+
+    torch.set_num_threads(1)
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    extract.run("mels", corpus, cache, "", Dist(), flush=2)
+    for f in (corpus / "wavs").rglob("*.flac"):  # from here on only the manifest and the cache are read
+        f.unlink()
+    mels = load_file(str(cache / "mels.safetensors"))
+    assert all(m.dtype == torch.uint8 and m.shape[0] == 80 and m.shape[1] % 2 == 0 for m in mels.values())
+    g = torch.Generator().manual_seed(0)
+    tokens = {
+        k: torch.randint(0, 60, (m.shape[1] // 2,), generator=g, dtype=torch.int32) for k, m in mels.items()
+    }
+    save_file(tokens, str(cache / "tokens.safetensors"))
+    save_file({k: torch.randn(EMB, generator=g) for k in mels}, str(cache / "embeddings.safetensors"))
+    model = config_to_dict(tiny_configs(0)["flow"])
+    model.update(prediction="residual", mel_mean=-5.0, mel_std=2.5)
+    recipe = tmp_path / "flow.toml"
+    train = {
+        "out_dir": str(tmp_path / "run"),
+        "corpus": str(corpus),
+        "cache": str(cache),
+        "max_steps": 10_000,
+    }
+    train.update(max_minutes=1e-4, warmup_steps=0, batch_seconds=100.0, log_every=1, save_every=10_000)
+    train.update(num_workers=0, threads=1)
+    recipe.write_text(
+        _toml({"train": train, "model": model, "flow": {"mel_cache": True, "prior_weight": 1.0}})
+    )
+    flow.main(["--config", str(recipe)])
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert 1 <= ckpt["step"] < 10 and ckpt["train_seconds"] > 0
+    rows = read_jsonl(tmp_path / "run" / "log.jsonl")
+    assert rows[-1]["step"] == ckpt["step"] and all(math.isfinite(r["prior"]) for r in rows)
+
+
 def test_batches_are_deterministic_and_sharded():
     from cosyvoice2.train.data import BatchStream
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -250,7 +249,16 @@ def _decode_soundfile(data: bytes, max_seconds: float | None = None) -> tuple[np
     return (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)), rate
 
 
+def _av():
+    # PyAV (FFmpeg) is imported on first use: only compressed formats need it, and the training entry
+    # points (which read FLAC through soundfile) then run where PyAV is not installed.
+    import av
+
+    return av
+
+
 def _decode_pyav(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    av = _av()
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = next((s for s in container.streams if s.type == "audio"), None)
         if stream is None:
@@ -629,6 +637,7 @@ class _PyAVWriter:
     """One PyAV output container with a single mono audio stream; feed float32 chunks, read bytes."""
 
     def __init__(self, codec: _Codec, sample_rate: int, sink: _ChunkSink | io.BytesIO) -> None:
+        av = _av()
         self._sink = sink
         self._container = av.open(
             sink,
@@ -652,7 +661,7 @@ class _PyAVWriter:
     def encode(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
+        frame = _av().AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
         frame.sample_rate = self._sample_rate
         frame.time_base = fractions.Fraction(1, self._sample_rate)
         frame.pts = self._pts

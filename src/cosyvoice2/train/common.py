@@ -64,6 +64,10 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     seed: int = 1234
     max_steps: int = 10_000
+    # Wall-clock budget in minutes of training (0: none). The run ends at whichever of max_steps and this
+    # comes first, and the LR schedule runs on that progress, so a time-boxed run (a lent GPU, the end of a
+    # session) still decays to min_lr and saves at its end. Training time is carried in checkpoints.
+    max_minutes: float = 0.0
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 500
@@ -91,15 +95,45 @@ class TrainConfig:
     init_from: str = ""
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from lr / warmup to lr, then cosine decay to min_lr at max_steps (or constant)."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up from lr / warmup to lr, then cosine decay to min_lr at max_steps (or constant).
+
+    ``progress`` (``Budget.progress``) replaces the step-based decay position when a run is time-boxed."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    by_step = (step - cfg.warmup_steps) / span
+    frac = min(1.0, by_step if progress is None else max(by_step, progress))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+class Budget:
+    """How far a run is, in [0, 1]: the larger of steps / max_steps and train time / max_minutes.
+
+    The time share is refreshed only at ``sync`` (log steps), averaged over ranks, so every rank uses the
+    same learning rate and stops at the same step. ``seconds`` (train time including earlier processes of
+    the run) goes into checkpoints as ``"train_seconds"``.
+    """
+
+    def __init__(self, cfg: TrainConfig, step: int = 0, seconds: float = 0.0) -> None:
+        self.max_steps, self.limit = cfg.max_steps, cfg.max_minutes * 60.0
+        self.before, self.start = seconds, time.perf_counter()
+        self.time_frac = min(1.0, seconds / self.limit) if self.limit else 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def sync(self, d: Dist) -> None:
+        if self.limit:
+            self.time_frac = all_mean({"t": self.seconds()}, d)["t"] / self.limit
+
+    def progress(self, step: int) -> float:
+        return max(step / max(1, self.max_steps), self.time_frac)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +433,7 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
     stream = BatchStream(
         task.lengths, cfg.batch_seconds, cfg.max_batch, cfg.sort_window, cfg.seed, d.rank, d.world
     )
-    step = 0
+    step, train_seconds = 0, 0.0
     ckpt_path = Path(resume_from) if resume_from else latest_checkpoint(out_dir)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
@@ -407,6 +441,7 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
         opt.load_state_dict(ckpt["optimizer"])
         stream.load_state(ckpt["data"])
         step = int(ckpt["step"])
+        train_seconds = float(ckpt.get("train_seconds", 0.0))
         rngs = ckpt.get("rng") or []
         if len(rngs) == d.world:
             set_rng_state(rngs[d.rank])
@@ -433,9 +468,10 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
     sums: dict[str, float] = {}
     n_sum = 0
     t0 = time.perf_counter()
+    budget = Budget(cfg, step, train_seconds)
     model.train()
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
+    while not budget.done(step):
+        lr = lr_at(step, cfg, budget.progress(step))
         for group in opt.param_groups:
             group["lr"] = lr
         for micro in range(cfg.accum):
@@ -457,7 +493,9 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
         step += 1
         n_sum += 1
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0:
+            budget.sync(d)
+        if step % cfg.log_every == 0 or budget.done(step):
             elapsed = time.perf_counter() - t0
             last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
             last.update(step=step, lr=lr, sec_per_step=elapsed / n_sum, epoch=stream.epoch)
@@ -469,11 +507,12 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
             dev = evaluate(ddp, task, cfg, d)
             log.write(step=step, **{f"dev_{k}": v for k, v in dev.items()})
             model.train()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if step % cfg.save_every == 0 or budget.done(step):
             rngs = gather_objects(rng_state(), d)
             if d.is_main:
                 payload = {
                     "step": step,
+                    "train_seconds": budget.seconds(),
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "config": task.config,

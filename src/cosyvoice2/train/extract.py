@@ -3,12 +3,15 @@
     python -m cosyvoice2.train.extract embeddings --corpus data/corpus --cache exp/cache \\
         --model exp/speaker/speaker_encoder.safetensors
     python -m cosyvoice2.train.extract tokens --corpus data/corpus --cache exp/cache --model exp/tokenizer
+    python -m cosyvoice2.train.extract mels --corpus data/corpus --cache exp/cache
 
 Outputs in ``--cache``: ``embeddings.safetensors`` (utterance id -> [E] float32), ``speakers.safetensors``
 (speaker -> L2-normalised mean of its train-split utterance embeddings; the official spk2embedding) and
-``tokens.safetensors`` (utterance id -> [L] int32). Every split of the manifest is extracted. Each rank
-takes every world-th utterance not yet done and writes a part file every ``--flush`` utterances; after
-all ranks finish, rank 0 merges the parts. Re-running skips what is already in the cache.
+``tokens.safetensors`` (utterance id -> [L] int32) and ``mels.safetensors`` (utterance id -> the flow's
+target mel [80, 2L] as 8-bit codes, ``train.flow.quantize_mel``: a corpus's mels are a third of its FLAC
+size, so a training machine can be sent features instead of audio). Every split of the manifest is
+extracted. Each rank takes every world-th utterance not yet done and writes a part file every ``--flush``
+utterances; after all ranks finish, rank 0 merges the parts. Re-running skips what is already in the cache.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ def extract(
     d: Dist,
     flush: int = 500,
     progress: bool = True,
+    sample_rate: int = RATES.tokenizer_sample_rate,
 ) -> None:
-    """Apply ``fn(wav16k [1, N]) -> tensor`` to every utterance missing from ``cache``; merge at the end."""
+    """Apply ``fn(wav [1, N] at sample_rate) -> tensor`` to every utterance missing from ``cache``; merge
+    at the end."""
     done = cache.done_keys()
     barrier(d)  # every rank must see the same done set before anyone writes a new part
     todo = [u for u in utts if u.id not in done][d.rank :: d.world]
@@ -47,7 +52,7 @@ def extract(
 
         bar = tqdm(total=len(todo), desc=f"extract {cache.name}", unit="utt")
     for utt in todo:
-        wav = torch.from_numpy(load_wav(utt, RATES.tokenizer_sample_rate))[None]
+        wav = torch.from_numpy(load_wav(utt, sample_rate))[None]
         try:
             pending[utt.id] = fn(wav).detach().cpu().contiguous()
         except InputError as e:  # e.g. longer than the tokenizer's 30 s: cached as empty, skipped by trainers
@@ -95,6 +100,13 @@ def run(kind: str, corpus: Path, cache_dir: Path, model_path: str, d: Dist, flus
             save_tensors_atomic(
                 {k: v.contiguous() for k, v in means.items()}, cache_dir / "speakers.safetensors"
             )
+    elif kind == "mels":
+        from .flow import padded_mel, quantize_mel
+
+        def mel_codes(wav: Tensor) -> Tensor:
+            return quantize_mel(padded_mel(wav[0].numpy()))
+
+        extract(utts, FeatureCache(cache_dir, "mels"), mel_codes, d, flush, sample_rate=RATES.sample_rate)
     elif kind == "tokens":
         model = network_from_run("speech_tokenizer", model_path).to(device)
         extract(utts, FeatureCache(cache_dir, "tokens"), model.tokens, d, flush)
@@ -105,13 +117,15 @@ def run(kind: str, corpus: Path, cache_dir: Path, model_path: str, d: Dist, flus
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["embeddings", "tokens"])
+    ap.add_argument("kind", choices=["embeddings", "tokens", "mels"])
     ap.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     ap.add_argument("--cache", type=Path, default=Path("exp/cache"))
-    ap.add_argument("--model", required=True, help="run dir, checkpoint or .safetensors of the network")
+    ap.add_argument("--model", default="", help="run dir, checkpoint or .safetensors of the network")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--flush", type=int, default=500, help="utterances per part file")
     args = ap.parse_args(argv)
+    if args.kind != "mels" and not args.model:
+        ap.error(f"{args.kind} needs --model")
     with distributed(args.device) as d, torch.inference_mode():
         run(args.kind, args.corpus, args.cache, args.model, d, args.flush)
 

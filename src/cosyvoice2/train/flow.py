@@ -56,6 +56,10 @@ class FlowTrainConfig:
     # The official recipe has none (mu is learnt only through the estimator); with a CPU budget it makes the
     # encoder a mel regressor from the first steps, so the ODE starts near the answer. Inference is unchanged.
     prior_weight: float = 0.0
+    # Read the target mels from the feature cache (``extract mels``, 8-bit codes) instead of computing them
+    # from the audio: the corpus then needs only its manifest, not its FLAC files (a lent GPU machine that
+    # is sent a few tens of MB). The codes' rounding error (<= 0.032 in log-mel) is far below the model's.
+    mel_cache: bool = False
 
 
 class FlowObjective(nn.Module):
@@ -97,7 +101,9 @@ class FlowObjective(nn.Module):
         keep = (torch.rand(b, device=x1.device) > tc.cond_drop).to(x1.dtype)
         mu, spks, cond = mu * keep[:, None, None], spks * keep[:, None], cond * keep[:, None, None]
         pred = flow.estimator(y, mask, mu, t, spks, cond, streaming=streaming)
-        target = x1 if flow.cfg.prediction == "data" else u
+        if flow.cfg.prediction == "residual":  # mu is already zeroed where the condition was dropped
+            pred = pred + mu
+        target = u if flow.cfg.prediction == "velocity" else x1
         fm = F.mse_loss(pred * mask, target * mask, reduction="sum") / (mask.sum() * m)
         out = {"loss": fm, "streaming": torch.tensor(float(streaming))}
         if tc.prior_weight:
@@ -118,9 +124,30 @@ def padded_mel(wav24: np.ndarray) -> Tensor:
     return prompt_mel(torch.from_numpy(wav)[None])[0].T
 
 
-def make_loader(tokens: dict[str, Tensor], embeddings: dict[str, Tensor], ratio: int):
+# 8-bit mel codes (``extract mels``): log-mels span [log 1e-5, ~2] = [-11.5, 2]; the fixed grid leaves
+# headroom above and rounds to within half a step (0.031).
+MEL_CODE_MIN, MEL_CODE_STEP = -11.6, 16.0 / 255
+
+
+def quantize_mel(mel: Tensor) -> Tensor:
+    """Log-mel [M, T] float -> uint8 codes (values outside the grid are clamped)."""
+    return ((mel - MEL_CODE_MIN) / MEL_CODE_STEP).round().clamp(0, 255).to(torch.uint8)
+
+
+def dequantize_mel(codes: Tensor) -> Tensor:
+    return codes.float() * MEL_CODE_STEP + MEL_CODE_MIN
+
+
+def make_loader(
+    tokens: dict[str, Tensor],
+    embeddings: dict[str, Tensor],
+    ratio: int,
+    mels: dict[str, Tensor] | None = None,
+):
     def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
-        mel = padded_mel(load_wav(utt, RATES.sample_rate))
+        mel = (
+            dequantize_mel(mels[utt.id]) if mels is not None else padded_mel(load_wav(utt, RATES.sample_rate))
+        )
         tok = tokens[utt.id].long()
         n = min(len(tok), mel.shape[1] // ratio)
         return {"tokens": tok[:n], "mel": mel[:, : n * ratio], "embedding": embeddings[utt.id]}
@@ -139,8 +166,14 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     }
 
 
-def _usable(utts: list[Utt], tokens: dict[str, Tensor], emb: dict[str, Tensor]) -> list[Utt]:
-    return [u for u in utts if u.id in tokens and tokens[u.id].numel() and u.id in emb and emb[u.id].numel()]
+def _usable(
+    utts: list[Utt], tokens: dict[str, Tensor], emb: dict[str, Tensor], mels: dict[str, Tensor] | None
+) -> list[Utt]:
+    def ok(u: Utt) -> bool:
+        has_mel = mels is None or (u.id in mels and mels[u.id].numel())
+        return bool(u.id in tokens and tokens[u.id].numel() and u.id in emb and emb[u.id].numel() and has_mel)
+
+    return [u for u in utts if ok(u)]
 
 
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
@@ -153,14 +186,15 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
         emb = {u.id: means[u.speaker] for u in all_utts if u.speaker in means}
     else:
         emb = FeatureCache(cfg.cache, "embeddings").load()
+    mels = FeatureCache(cfg.cache, "mels").load() if tc.mel_cache else None
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
-    utts = _usable(utts, tokens, emb)
+    utts = _usable(utts, tokens, emb, mels)
     dev = (
-        _usable(read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds), tokens, emb)
+        _usable(read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds), tokens, emb, mels)
         if cfg.eval_every
         else []
     )
-    load = make_loader(tokens, emb, model_cfg.token_mel_ratio)
+    load = make_loader(tokens, emb, model_cfg.token_mel_ratio, mels)
     return Task(
         name="flow",
         objective=FlowObjective(model_cfg, tc),

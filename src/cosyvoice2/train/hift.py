@@ -46,6 +46,7 @@ from ..config import RATES
 from ..default_model import config_from_dict
 from ..hift import HiFT, HiFTConfig, apply_weight_norm
 from .common import (
+    Budget,
     Dist,
     JsonlLog,
     TrainConfig,
@@ -370,7 +371,7 @@ def train(
         [seconds] * len(utts), cfg.batch_seconds, cfg.max_batch, cfg.sort_window, cfg.seed, d.rank, d.world
     )
     config = checkpoint_config(model_cfg, cfg, hift=dataclasses.asdict(tc))
-    step = 0
+    step, train_seconds = 0, 0.0
     ckpt_path = Path(resume_from) if resume_from else latest_checkpoint(out_dir)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
@@ -380,6 +381,7 @@ def train(
         opt_d.load_state_dict(ckpt["optimizer_d"])
         stream.load_state(ckpt["data"])
         step = int(ckpt["step"])
+        train_seconds = float(ckpt.get("train_seconds", 0.0))
         if len(ckpt["rng"]) == d.world:
             set_rng_state(ckpt["rng"][d.rank])
         else:
@@ -408,9 +410,10 @@ def train(
     last: dict[str, float] = {}
     sums: dict[str, float] = {}
     n_sum, t0 = 0, time.perf_counter()
+    budget = Budget(cfg, step, train_seconds)
     gen.train(), disc.train()
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
+    while not budget.done(step):
+        lr = lr_at(step, cfg, budget.progress(step))
         for group in opt_g.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         for group in opt_d.param_groups:
@@ -450,18 +453,21 @@ def train(
         n_sum += 1
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0:
+            budget.sync(d)
+        if step % cfg.log_every == 0 or budget.done(step):
             last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
             last.update(step=step, lr=lr, sec_per_step=(time.perf_counter() - t0) / n_sum, epoch=stream.epoch)
             log.write(**last)
             if bar is not None:
                 bar.set_postfix(mel=f"{last['mel']:.3f}", lr=f"{lr:.2e}")
             sums, n_sum, t0 = {}, 0, time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if step % cfg.save_every == 0 or budget.done(step):
             rngs = gather_objects(rng_state(), d)
             if d.is_main:
                 payload = {
                     "step": step,
+                    "train_seconds": budget.seconds(),
                     "model": gen.state_dict(),
                     "disc": disc.state_dict(),
                     "optimizer": opt_g.state_dict(),
