@@ -2,7 +2,8 @@
 concurrency 1 and 4. Prints one JSON document.
 
     python bench/bench.py                 # full run (several minutes on a 2-core machine)
-    python bench/bench.py --quick         # short utterances, fewer repeats (~2 min)
+    python bench/bench.py --quick         # short utterances, fewer repeats
+    python bench/bench.py --variants exact,fast,compute-quality --out result.json   # exact vs fast
     python bench/bench.py --variants int8 --threads 2 --out result.json
 
 Models:
@@ -14,11 +15,20 @@ Models:
   150 mel frames, a 30-id transcript): "fresh" = nothing cached, "saved" = its prompt work cached.
 * ``default model``: the shipped model (``cosyvoice2.load()``) with its default voice, when it exists.
 
-Each variant runs in its own process (so peak RSS is per variant): ``fp32`` (defaults: official parity),
-``int8`` (``lm_quant="int8", flow_quant="int8"``), ``int8-steps5`` (also ``flow_steps=5``: half the flow
-work, a quality trade-off these random weights cannot measure) and ``int8-quality`` (fp32 vs int8 outputs
-on the same random weights: LM next-token distributions, flow mel). Timings are wall-clock medians; the
-machine may be shared, so ``load_before``/``load_after`` (1-minute load average) are recorded with them.
+Each variant runs in its own process (so peak RSS is per variant). The default run compares the two
+``compute`` choices of ``cosyvoice2.load`` side by side: ``exact`` (float32, official parity; ``fp32`` is
+the same) and ``fast`` (the plan ``cosyvoice2.cpu.plan("fast")`` picks for this CPU), plus
+``compute-quality`` (each reduced precision's deviation from exact on the same random weights: LM
+next-token distributions teacher-forced, flow mel, audio through the float32 vocoder) and the default
+model in both (``default-model``, ``default-model-fast``, ``default-model-quality``). ``kernels`` times
+the GEMM shapes that decide the plan, and one estimator ODE step, in fp32, bf16 and int8. Other variants:
+``int8`` (``lm_quant="int8", flow_quant="int8"``), ``bf16`` (both bf16), ``fast-flow-int8`` (``fast`` with
+an int8 flow: the A/B of the flow's precision on a bf16 CPU), ``int8-steps5``/``fast-steps5``
+(``flow_steps=5``: half the flow work, a quality trade-off random weights cannot measure),
+``int8-quality`` (the older fp32-vs-int8 report). The JSON's ``machine`` records the CPU's flags, its kind
+and the plan of each ``compute`` choice; every timed variant records the precisions it ran. Timings are
+wall-clock medians; the machine may be shared, so ``load_before``/``load_after`` (1-minute load average)
+are recorded with them.
 
 The concurrency section runs 4 streams with the engine's flow batcher (the default) and again with
 ``flow_batch=False``. ``flow-batch`` (not in the default list: ``--variants flow-batch``) measures the
@@ -44,11 +54,20 @@ import torch
 
 SAMPLE_RATE = 24000
 HERE = Path(__file__).resolve()
-VARIANTS = {  # speed options of each random full-size variant (cosyvoice2.api.speed_up)
-    "fp32": {},
-    "int8": {"lm_quant": "int8", "flow_quant": "int8"},
-    "int8-steps5": {"lm_quant": "int8", "flow_quant": "int8", "flow_steps": 5},
+VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (cosyvoice2.api.load)
+    "exact": ("exact", {}),
+    "fp32": ("exact", {}),
+    "fast": ("fast", {}),
+    "fast-steps5": ("fast", {"flow_steps": 5}),
+    "fast-flow-int8": ("fast", {"flow_quant": "int8"}),  # A/B of the flow's precision on bf16 CPUs
+    "int8": ("exact", {"lm_quant": "int8", "flow_quant": "int8"}),
+    "bf16": ("exact", {"lm_quant": "bf16", "flow_quant": "bf16"}),
+    "int8-steps5": ("exact", {"lm_quant": "int8", "flow_quant": "int8", "flow_steps": 5}),
 }
+DEFAULT_VARIANTS = (
+    "exact", "fast", "compute-quality", "kernels",
+    "default-model", "default-model-fast", "default-model-quality",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +263,190 @@ def int8_quality(models) -> dict:
     }
 
 
+def compute_quality(models, voice, text_ids: list[int], target: torch.Tensor, prompt_text: list[int]) -> dict:
+    """Deviation from exact of every reduced precision (and of this CPU's ``fast`` plan), same weights.
+
+    ``models``: float32 models (left unchanged; each variant works on a copy). The LM is teacher-forced on
+    ``[SOS] prompt_text text [TASK] prompt_speech target`` and its next-token distributions over ``target``
+    [N] are compared (total variation, top-1 agreement); the flow runs offline on ``target`` after the
+    voice's prompt (mel: mean and max |delta|, beside mean |mel|); the audio is each mel through the same
+    float32 vocoder with the same noise seed, compared as log mel (``audio_mel``) beside exact's own
+    audio with another vocoder seed.
+    """
+    import copy
+
+    from cosyvoice2.api import speed_up
+    from cosyvoice2.cpu import plan
+
+    fast = plan("fast").load_options()
+    settings = {
+        "lm int8": {"lm_quant": "int8"},
+        "lm bf16": {"lm_quant": "bf16"},
+        "flow int8": {"flow_quant": "int8"},
+        "flow bf16": {"flow_quant": "bf16"},
+        f"fast (lm {fast['lm_quant'] or 'fp32'}, flow {fast['flow_quant'] or 'fp32'})": fast,
+        "flow 5 steps (fp32)": {"flow_steps": 5},  # the steps lever, for scale: not part of fast
+    }
+    prompt_tokens = voice.speech_tokens.long()
+    x = None
+    if models.lm is not None:
+        x = models.lm.build_input(text_ids, prompt_text, torch.cat([prompt_tokens, target.long()]))
+
+    def outputs(m) -> dict:
+        out = {}
+        with torch.inference_mode():
+            if x is not None:
+                h = m.lm.forward_embeds(x)[0, -target.numel() - 1 : -1]  # predicts each target token
+                out["logp"] = m.lm.speech_logp(h)[:, : m.lm.cfg.speech_token_size]
+            mel = m.flow.inference(
+                target[None], prompt_tokens[None], voice.mel[None], voice.embedding[None],
+                streaming=False, finalize=True,
+            )  # fmt: skip
+            out["mel"] = mel
+            out["audio_mel"] = audio_mel(models.hift, mel, seed=0)
+        return out
+
+    ref = outputs(models)
+    with torch.inference_mode():
+        reseeded = audio_mel(models.hift, ref["mel"], seed=1)
+    report = {
+        "target_tokens": int(target.numel()),
+        "mel_mean_abs": round(float(ref["mel"].abs().mean()), 4),
+        # the yardstick for audio: exact's own mel, vocoded with another noise seed
+        "audio_logmel_mean_abs_diff_other_vocoder_seed": round(
+            float((reseeded - ref["audio_mel"]).abs().mean()), 4
+        ),
+    }
+    for name, options in settings.items():
+        if models.lm is None and name.startswith("lm "):
+            continue
+        m = copy.deepcopy(models)
+        speed_up(m, **options)
+        out, r = outputs(m), {}
+        if "logp" in ref and options.get("lm_quant"):
+            p, q = ref["logp"].exp(), out["logp"].exp()
+            r["lm_total_variation_mean"] = round(float(0.5 * (p - q).abs().sum(-1).mean()), 5)
+            r["lm_top1_agreement"] = round(float((p.argmax(-1) == q.argmax(-1)).float().mean()), 4)
+        if options.get("flow_quant") or options.get("flow_steps"):
+            d = out["mel"] - ref["mel"]
+            r["mel_mean_abs_diff"] = round(float(d.abs().mean()), 5)
+            r["mel_max_abs_diff"] = round(float(d.abs().max()), 4)
+            a = (out["audio_mel"] - ref["audio_mel"]).abs().mean()
+            r["audio_logmel_mean_abs_diff"] = round(float(a), 4)
+        report[name] = r
+    return report
+
+
+def audio_mel(hift, mel: torch.Tensor, seed: int) -> torch.Tensor:
+    """Vocode mel [1, 80, T] (float32 HiFT, noise seeded) and measure the audio's log mel [T', 80].
+
+    Audio is compared as a log mel, not sample by sample: the vocoder's sine source integrates f0 into a
+    phase, so a tiny f0 difference shifts the phase of everything after it, and two waveforms that sound
+    the same differ sample by sample by about their own RMS (measured: relative RMS difference 1.0-1.5 for
+    a mel deviation of 0.006).
+    """
+    from cosyvoice2.audio import prompt_mel
+
+    audio = hift.inference(mel, generator=torch.Generator().manual_seed(seed))[0]
+    return prompt_mel(audio.reshape(-1))[0]
+
+
+def random_quality() -> dict:
+    """``compute_quality`` on the full-size random models: a random 3 s voice and 100 random tokens."""
+    models = random_full_size()
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 6561, (100,), generator=g)
+    v = random_voice()
+    return compute_quality(models, v, list(range(1000, 1030)), target, v.text_tokens) | {
+        "note": "random weights: trained weights have outlier channels; see default-model-quality"
+    }
+
+
+def default_model_quality() -> dict:
+    """``compute_quality`` on the shipped model: voice B's recorded tokens spoken in voice A's timbre."""
+    from cosyvoice2.default_model import default_model_dir, load_native_dir
+
+    models = load_native_dir(default_model_dir())
+    names = sorted(models.speakers)
+    a, b = models.speakers[names[1]], models.speakers[names[0]]
+    fe = models.frontend
+    return compute_quality(models, a, fe.encode(b.text), b.speech_tokens, fe.encode(a.text)) | {
+        "voices": [a.name or names[1], b.name or names[0]]
+    }
+
+
+KERNEL_SHAPES = {  # the shapes the plan is about
+    "lm_decode_row [1,896]x[896,4864]": (1, 896, 4864),
+    "flow_block [512,256]x[256,1024]": (512, 256, 1024),
+}
+
+
+def kernels(repeats: int = 20) -> dict:
+    """Median ms of one GEMM per precision (fp32, bf16, int8 dynamic) at the shapes of the LM decode and
+    the flow estimator, and of one full-size estimator ODE step over a 56-frame block after a 3 s prompt
+    per flow precision: what ``cosyvoice2.cpu.plan`` should choose on this CPU."""
+    import copy
+    import warnings
+
+    import torch.nn.functional as F
+
+    from cosyvoice2.api import speed_up
+    from cosyvoice2.flow import Flow, FlowConfig
+    from cosyvoice2.lm import Int8DynamicLinear
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(1000 * statistics.median(times), 3)
+
+    out: dict = {}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (m, k, n) in KERNEL_SHAPES.items():
+            x, lin = torch.randn(m, k), torch.nn.Linear(k, n)
+            xb, wb = x.bfloat16(), lin.weight.detach().bfloat16()
+            q = Int8DynamicLinear(lin)
+            out[name] = {
+                "fp32_ms": median_ms(lambda: lin(x)),  # noqa: B023 - called within the iteration
+                "bf16_ms": median_ms(lambda: F.linear(xb, wb)),  # noqa: B023
+                "int8_ms": median_ms(lambda: q(x)),  # noqa: B023
+            }
+        torch.manual_seed(0)
+        base = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+        v = random_voice()
+        ids = torch.randint(0, 6561, (1, 28), generator=torch.Generator().manual_seed(1))
+        step = {}
+        for precision in ("fp32", "bf16", "int8"):
+            flow = (
+                base
+                if precision == "fp32"
+                else speed_up(_FlowOnly(copy.deepcopy(base)), flow_quant=precision).flow
+            )
+            state = flow.stream_start(v.speech_tokens[None], v.mel[None], v.embedding[None])
+            block = flow.stream_prepare(state, ids[:, :25], ids[:, 25:], final=False)
+            flow.euler_step([block])
+            t = time.perf_counter()
+            for _ in range(3):
+                flow.euler_step([block])
+            step[f"{precision}_ms"] = round(1000 * (time.perf_counter() - t) / 3, 1)
+        out["flow_estimator_step_56_frames"] = step
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+class _FlowOnly:
+    """What ``speed_up`` needs to change only a flow (no LM)."""
+
+    lm = None
+
+    def __init__(self, flow) -> None:
+        self.flow = flow
+
+
 def flow_batch_gain(streams: int = 4, tokens: int = 25, steps: int = 3) -> dict:
     """ODE steps of ``streams`` fast-stream blocks (``tokens`` each, after a 3 s voice prompt), full-size
     random flow: one estimator call per block (as without the batcher) vs one call for all (the batcher).
@@ -342,14 +545,18 @@ def op_share() -> dict:
 def run_variant(variant: str, quick: bool) -> dict:
     import cosyvoice2
     from cosyvoice2.api import CosyVoice2, speed_up
+    from cosyvoice2.cpu import plan
     from cosyvoice2.engine import EngineOptions
     from cosyvoice2.errors import ModelLoadError
 
     out: dict = {"variant": variant}
     t = time.perf_counter()
-    if variant == "default-model":
+    if variant == "default-model-quality":
+        return out | {"compute_quality": default_model_quality()}
+    if variant.startswith("default-model"):
+        compute = "fast" if variant == "default-model-fast" else "exact"
         try:
-            tts = cosyvoice2.load()
+            tts = cosyvoice2.load(compute=compute)
         except ModelLoadError as e:
             return {"variant": variant, "skipped": f"no default model: {e}"}
         voice = None
@@ -360,16 +567,27 @@ def run_variant(variant: str, quick: bool) -> dict:
             return out | {"flow_batch": flow_batch_gain()}
         if variant == "op-share":
             return out | {"op_share": op_share()}
+        if variant == "kernels":
+            return out | {"kernels": kernels(5 if quick else 20)}
+        if variant == "compute-quality":
+            return out | {"compute_quality": random_quality()}
+        if variant not in VARIANTS and variant != "int8-quality":
+            known = [*VARIANTS, *DEFAULT_VARIANTS, "int8-quality", "flow-batch", "op-share"]
+            raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(dict.fromkeys(known))}")
         models = random_full_size()
         if variant == "int8-quality":
             return out | {"int8_quality": int8_quality(models)}
-        speed_up(models, **VARIANTS[variant])
-        tts = CosyVoice2(models)
+        compute, options = VARIANTS[variant]
+        chosen = plan(compute).with_overrides(options.get("lm_quant"), options.get("flow_quant"),
+                                              options.get("flow_steps"))  # fmt: skip
+        speed_up(models, **chosen.load_options())
+        tts = CosyVoice2(models, compute_plan=chosen)
         voice = random_voice()
         n = 4 if quick else 13  # characters -> 20 n speech tokens: 3.2 s / 10.4 s of speech
         long_text = "abcdefghijklmnopqrstuvwxyz"[:n]
         texts = ["abcdefgh"[: 3 if quick else 8], "ijklmnop"[: 3 if quick else 8]]  # 2.4 s / 6.4 s each
     out["build_s"] = round(time.perf_counter() - t, 1)
+    out["plan"] = tts.compute_plan.as_dict() if tts.compute_plan is not None else None
 
     if tts.models.lm is not None:
         lm = tts.models.lm
@@ -433,9 +651,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from cosyvoice2.cpu import detect, plan
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu,
+        "cpu_features": detect().as_dict(),
+        "plans": {compute: plan(compute).as_dict() for compute in ("exact", "fast")},
         "cores": os.cpu_count(),
         "ram_gb": round(mem, 1),
         "python": platform.python_version(),
@@ -447,7 +669,7 @@ def machine() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short utterances, fewer repeats")
-    ap.add_argument("--variants", default=",".join([*VARIANTS, "int8-quality", "default-model"]))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

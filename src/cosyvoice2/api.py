@@ -13,9 +13,10 @@
 synthesis, with ``instruct`` instruction-controlled synthesis (instruct2).
 
 Every call goes through one ``cosyvoice2.engine.Engine``: calls from many threads (or tasks) at once are
-served together, with LM decode steps batched across them, and a voice's prompt work is cached. Opt-in CPU
-speed options are arguments of ``load`` (``lm_quant="int8"``, ``flow_quant="int8"``); the defaults keep
-parity with the official model.
+served together, with LM decode steps batched across them, and a voice's prompt work is cached.
+``load(path, compute="fast")`` picks reduced precision for this CPU (``cosyvoice2.cpu``; the plan is
+``tts.compute_plan``); the default ``compute="exact"`` keeps parity with the official model. Finer opt-in
+knobs are arguments of ``load`` too (``lm_quant``, ``flow_quant``, ``flow_steps``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from .audio import AudioSource
 from .config import RATES
+from .cpu import ComputePlan, check_compute
 from .engine import Engine, EngineOptions
 from .errors import InputError
 from .model_dir import OFFICIAL_YAML, Models, load_official_dir
@@ -44,8 +46,13 @@ VoiceLike = VoiceReference | str | Path | None
 class CosyVoice2:
     """A loaded model. Thread-safe: requests keep their state to themselves and run concurrently."""
 
-    def __init__(self, models: Models, options: EngineOptions | None = None) -> None:
+    def __init__(
+        self, models: Models, options: EngineOptions | None = None, compute_plan: ComputePlan | None = None
+    ) -> None:
         self.models = models
+        # What ``load`` chose for this CPU (precision of LM and flow, and why); None when the caller
+        # prepared ``models`` itself.
+        self.compute_plan = compute_plan
         self.engine = Engine(models, options)
         self.synth = self.engine.synth
         self.sample_rate = RATES.sample_rate
@@ -338,9 +345,13 @@ def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+_QUANT_CHOICES = (None, "fp32", "int8", "bf16")
+
+
 def load(
     path: str | Path | None = None,
     *,
+    compute: str = "exact",
     text_backend: str = "auto",
     lm_quant: str | None = None,
     flow_quant: str | None = None,
@@ -349,24 +360,34 @@ def load(
 ) -> CosyVoice2:
     """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model.
 
-    Opt-in CPU speed (the defaults keep official parity): ``lm_quant="int8"`` stores the LM backbone's
-    Linear weights in int8 (~4x less memory traffic per decode step; the sampled tokens can differ from
-    fp32, and since activations are quantised per backbone call, with one scale for all the rows decoded
-    together, a request's tokens also depend on which requests share its decode steps);
-    ``flow_quant="int8"`` does the same for the flow estimator's transformer Linears. ``flow_steps``
-    (official: 10) sets the number of Euler steps of the flow's ODE: flow time is proportional to it (the
-    flow dominates CPU time), at a cost in quality that random-weight benchmarks cannot show: check it on
-    real weights before using it. ``engine_options`` are the fields of ``cosyvoice2.engine.EngineOptions``
-    (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
+    ``compute``: "exact" (default: float32, today's path bit for bit, the official numbers on every
+    machine) or "fast" (the precision this CPU runs fastest, chosen by ``cosyvoice2.cpu.plan`` from its
+    features: int8 LM weights where fbgemm runs, a bf16 flow estimator where the CPU has native bf16, else
+    an int8 one; outputs move by a measured amount, see README). The plan is ``tts.compute_plan``. Not
+    called ``speed``: that is the speaking rate of ``synthesize``.
+
+    Finer knobs override the plan's entries: ``lm_quant`` ("int8": the LM backbone's Linear weights in int8,
+    ~4x less memory traffic per decode step; since activations are quantised per backbone call, with one
+    scale for all the rows decoded together, a request's tokens also depend on which requests share its
+    decode steps; "bf16": bf16 weights, half the traffic, rows independent; "fp32": as loaded);
+    ``flow_quant`` ("int8": the flow estimator's transformer Linears in int8; "bf16": the estimator under
+    bf16 autocast; "fp32"). ``flow_steps`` (official: 10) sets the number of Euler steps of the flow's ODE:
+    flow time is proportional to it (the flow dominates CPU time), at a cost in quality that random-weight
+    benchmarks cannot show: check it on real weights before using it. ``engine_options`` are the fields
+    of ``cosyvoice2.engine.EngineOptions`` (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
     """
+    from . import cpu
+
+    check_compute(compute)
+    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
+        if value not in _QUANT_CHOICES:
+            raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
+    plan = cpu.plan(compute).with_overrides(lm_quant, flow_quant, flow_steps)
     if path is None:
         from .default_model import default_model_dir
 
         path = default_model_dir()
     root = Path(path)
-    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
-        if value not in (None, "int8"):
-            raise InputError(f"{name} must be None or 'int8', got {value!r}")
     try:
         options = EngineOptions(**engine_options)
     except TypeError as e:
@@ -381,8 +402,8 @@ def load(
 
             raise ModelLoadError(f"{root} is not a model directory (no {OFFICIAL_YAML} or {NATIVE_CONFIG})")
         models = load_native_dir(root, text_backend=text_backend)
-    speed_up(models, lm_quant=lm_quant, flow_quant=flow_quant, flow_steps=flow_steps)
-    return CosyVoice2(models, options)
+    speed_up(models, **plan.load_options())
+    return CosyVoice2(models, options, plan)
 
 
 def speed_up(
@@ -392,17 +413,28 @@ def speed_up(
     flow_quant: str | None = None,
     flow_steps: int | None = None,
 ) -> Models:
-    """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``)."""
+    """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``; None/"fp32": unchanged)."""
+    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
+        if value not in _QUANT_CHOICES:
+            raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
     if flow_steps is not None:
         if not isinstance(flow_steps, int) or not 1 <= flow_steps <= 100:
             raise InputError(f"flow_steps must be an integer in [1, 100], got {flow_steps!r}")
         models.flow.cfg = dataclasses.replace(models.flow.cfg, n_timesteps=flow_steps)
     if lm_quant == "int8" and models.lm is not None:
-        from .lm import quantize_backbone_int8
+        from .engine import quantize_lm_int8
 
-        quantize_backbone_int8(models.lm)
+        quantize_lm_int8(models.lm)
+    elif lm_quant == "bf16" and models.lm is not None:
+        from .engine import cast_backbone_bf16
+
+        cast_backbone_bf16(models.lm)
     if flow_quant == "int8":
         from .engine import quantize_flow_int8
 
         quantize_flow_int8(models.flow)
+    elif flow_quant == "bf16":
+        from .engine import cast_flow_bf16
+
+        cast_flow_bf16(models.flow)
     return models

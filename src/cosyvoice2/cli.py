@@ -24,8 +24,30 @@ def _add_voice_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: the model shipped with cosyvoice2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    _add_compute_arg(p)
     p.add_argument("--int8", action="store_true", help="int8 LM and flow: faster, not exact")
     p.add_argument("--flow-steps", type=int, default=None, help="flow ODE steps (official 10)")
+
+
+def _add_compute_arg(p: argparse.ArgumentParser) -> None:
+    # Not --speed: that is the speaking rate of `speak`/`convert` (and of the server's requests).
+    p.add_argument(
+        "--compute",
+        choices=("exact", "fast"),
+        default="exact",
+        help="exact: float32, the official numbers (default); fast: the precision this CPU runs fastest "
+        "(int8/bf16, chosen from its features; outputs move slightly)",
+    )
+
+
+def _load_options(args) -> dict:
+    """``cosyvoice2.load`` keywords from --compute, --int8 and --flow-steps (explicit knobs win)."""
+    opts: dict = {"compute": getattr(args, "compute", "exact")}
+    if getattr(args, "int8", False):
+        opts |= {"lm_quant": "int8", "flow_quant": "int8"}
+    if getattr(args, "flow_steps", None) is not None:
+        opts["flow_steps"] = args.flow_steps
+    return opts
 
 
 def _load(args):
@@ -35,10 +57,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = {"lm_quant": "int8", "flow_quant": "int8"} if args.int8 else {}
-    if args.flow_steps is not None:
-        opts["flow_steps"] = args.flow_steps
-    return load(args.model, **opts)
+    return load(args.model, **_load_options(args))
 
 
 def _resolve_voice(tts, args):
@@ -135,7 +154,8 @@ def cmd_eval(args) -> int:
     asr = ev.WhisperASR(en_model=args.asr_en, threads=args.threads, compute_type=args.asr_compute)
     similarity = ev.SpeakerSimilarity.load(args.speaker_encoder)
     tts = _load(args)
-    options = {"int8": args.int8, "flow_steps": args.flow_steps, "threads": args.threads}
+    options = {"compute": args.compute, "int8": args.int8, "flow_steps": args.flow_steps}
+    options |= {"threads": args.threads, "plan": tts.compute_plan.as_dict()}
     header = {
         "model": ev.model_info(tts, args.model, options),
         "corpus": {"path": str(Path(args.corpus).resolve()), "utterances": len(corpus)},
@@ -196,6 +216,7 @@ def _server_settings(args) -> dict:
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,
         cors_origins=args.cors_origin or [],
+        compute=args.compute,
     )
 
 
@@ -275,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without an API key, also answer to this Host name (repeatable; '*': any)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    _add_compute_arg(p)
     g = p.add_argument_group("voice library (default: SQLite + files in --data-dir)")
     g.add_argument(
         "--voice-db", help="postgresql://USER@HOST/DB, shared by several servers (or $COSYVOICE2_VOICE_DB)"

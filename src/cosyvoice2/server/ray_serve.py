@@ -50,6 +50,7 @@ class ReplicaOptions:
 
     model: str | None = None
     threads: int | None = None  # None: from the replica's CPU share
+    compute: str = "exact"  # "exact" | "fast" (cosyvoice2.cpu.plan, on the replica's own CPU)
     int8: bool = False
     flow_steps: int | None = None
     data_dir: str | None = None
@@ -126,12 +127,16 @@ class CosyVoice2Replica:
         load_opts: dict = {"lm_quant": "int8", "flow_quant": "int8"} if self.options.int8 else {}
         if self.options.flow_steps is not None:
             load_opts["flow_steps"] = self.options.flow_steps
-        self.tts = cosyvoice2.load(self.options.model, **load_opts)
+        self.tts = cosyvoice2.load(self.options.model, compute=self.options.compute, **load_opts)
+        plan = self.tts.compute_plan
         log.info(
-            "replica %s: model loaded in %.1f s, %d torch thread(s)",
+            "replica %s: model loaded in %.1f s, %d torch thread(s), compute %s (LM %s, flow %s)",
             replica_id,
             time.perf_counter() - t0,
             self.threads,
+            plan.compute,
+            plan.lm,
+            plan.flow,
         )
 
     def __serve_build_asgi_app__(self):
