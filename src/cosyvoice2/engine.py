@@ -956,12 +956,18 @@ def _int8(linear: nn.Linear) -> Int8Linear:
 
 def quantize_lm_int8(model: CosyVoice2LM) -> CosyVoice2LM:
     """``lm.quantize_backbone_int8`` with ``Int8Linear`` (8-bit activations on VNNI CPUs), in place."""
+    return _swap_backbone_linears(model, _int8)
+
+
+def _swap_backbone_linears(model: CosyVoice2LM, make) -> CosyVoice2LM:
+    """Replace every LM backbone projection (qkv, o, gate_up, down) still an ``nn.Linear`` by
+    ``make(linear)``, in place. Embeddings, norms and the speech head are left as they are."""
     for layer in model.backbone.layers:
         pairs = ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down"))
         for owner, name in pairs:
             child = getattr(owner, name)
             if isinstance(child, nn.Linear):
-                setattr(owner, name, _int8(child))
+                setattr(owner, name, make(child))
     return model
 
 
@@ -1034,10 +1040,4 @@ class Bf16Linear(nn.Module):
 def cast_backbone_bf16(model: CosyVoice2LM) -> CosyVoice2LM:
     """Swap every LM backbone projection (qkv, o, gate_up, down) for ``Bf16Linear``, in place. Embeddings,
     norms and the speech head stay fp32, as with ``lm.quantize_backbone_int8``."""
-    for layer in model.backbone.layers:
-        pairs = ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down"))
-        for owner, name in pairs:
-            child = getattr(owner, name)
-            if isinstance(child, nn.Linear):
-                setattr(owner, name, Bf16Linear(child))
-    return model
+    return _swap_backbone_linears(model, Bf16Linear)
