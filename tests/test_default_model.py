@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 
 import cosyvoice2
+from cosyvoice2.audio import prompt_mel
 from cosyvoice2.default_model import NATIVE_CONFIG, PACKAGE_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(
@@ -67,9 +68,12 @@ def test_zero_shot_from_prompt(tts, tmp_path):
 
 
 def test_stream_equals_offline_on_same_seed(tts):
-    # Same seed, same tokens: the official schedule's chunks concatenate to the offline audio (the flow's
-    # chunk masks make them differ slightly, as in the official code); the lengths agree and the waveforms
-    # correlate strongly.
+    # Same seed, same tokens: the official schedule's chunks concatenate to the offline audio. The flow's
+    # chunk masks make them differ slightly, as in the official code, and a slightly different mel moves
+    # the vocoder's f0 and so the phase of everything after it: waveform correlation measures that phase
+    # drift more than what is heard (the build-3 model scores 0.93 on this sentence and 0.78 on another).
+    # So the comparison is on log-mel spectrograms of the two waveforms, with a stated tolerance: mean
+    # |delta| <= 0.25 (a different render of the same text is ~2) and correlation >= 0.98.
     text = "The quick brown fox jumps over the lazy dog."
     offline = _audio(tts.synthesize(text, seed=3))
     chunks = [_audio(c) for c in tts.stream(text, seed=3, schedule="official")]
@@ -77,8 +81,10 @@ def test_stream_equals_offline_on_same_seed(tts):
     assert len(chunks) >= 2
     assert abs(streamed.size - offline.size) <= 480 * 2
     n = min(streamed.size, offline.size)
-    corr = np.corrcoef(streamed[:n], offline[:n])[0, 1]
-    assert corr > 0.9, corr
+    m_off, m_str = (prompt_mel(torch.from_numpy(x[:n].astype(np.float32))[None]) for x in (offline, streamed))
+    gap = float((m_off - m_str).abs().mean())
+    corr = float(np.corrcoef(m_off.flatten().numpy(), m_str.flatten().numpy())[0, 1])
+    assert gap <= 0.25 and corr >= 0.98, (gap, corr)
 
 
 def test_cli_speaks_without_model_argument(tmp_path):
