@@ -123,9 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="", help="run dir, checkpoint or .safetensors of the network")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--flush", type=int, default=500, help="utterances per part file")
+    ap.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads (0: torch's default); 1 beside a training run: on 2 cores, 2 threads that "
+        "share a core with a trainer ran the speaker encoder ~30x slower (OpenMP threads wait on each other)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.kind != "mels" and not args.model:
         ap.error(f"{args.kind} needs --model")
+    if args.threads < 0:
+        ap.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with distributed(args.device) as d, torch.inference_mode():
         run(args.kind, args.corpus, args.cache, args.model, d, args.flush)
 
