@@ -160,6 +160,18 @@ def test_build_tiny_corpus(tmp_path):
     card = (out / "DATA_CARD.md").read_text()
     assert "licence" in card.lower() and "test_unseen_speaker" in card
 
+    # Only some splits, up to a plan index: exactly those rows of the full build, with the same audio.
+    full = C.read_jsonl(out / "manifest.jsonl")
+    limit = max(int(r["id"].rsplit("-", 1)[1]) for r in full) + 1
+    part = tmp_path / "heldout"
+    heldout = ("test", "test_unseen_speaker")
+    C.build_corpus(part, splits=heldout, plan_limit=limit, **kw)
+    want = sorted((r["id"], r["text"]) for r in full if r["split"] in heldout)
+    got = C.read_jsonl(part / "manifest.jsonl")
+    assert want and sorted((r["id"], r["text"]) for r in got) == want
+    with pytest.raises(ValueError, match="unknown split"):
+        C.build_corpus(part, splits=("heldout",), plan_limit=limit, **kw)
+
     # Changing the languages of an existing corpus is refused.
     with pytest.raises(SystemExit):
         C.build_corpus(out, max_utts=4, **{**kw, "langs": ["en", "zh"]})

@@ -1277,8 +1277,15 @@ def build_corpus(
     nice: int = 0,
     progress: bool = True,
     log=None,
+    splits: Iterable[str] | None = None,
+    plan_limit: int | None = None,
 ) -> dict:
     """Build (or resume) a corpus in ``out`` until ``hours`` of audio or ``max_utts`` utterances exist.
+
+    ``splits`` synthesises only the plan's utterances of these splits and ``plan_limit`` stops at plan
+    index ``plan_limit``: ``splits=("test", "test_unseen_speaker"), plan_limit=854`` rebuilds exactly the
+    held-out rows of a corpus whose first 854 utterances were built, in minutes (the evaluation set of
+    MODEL_CARD.md), on a machine whose training rows come from elsewhere.
 
     ``sentences`` overrides the packaged sentence sources (lists of raw sentences per language; they
     are normalised and filtered like the defaults).  Returns summary statistics.
@@ -1292,8 +1299,11 @@ def build_corpus(
         def log(msg: str) -> None:
             tqdm.write(f"[corpus] {msg}", file=sys.stderr)
 
-    if hours is None and max_utts is None:
-        raise ValueError("give hours and/or max_utts")
+    if hours is None and max_utts is None and plan_limit is None:
+        raise ValueError("give hours, max_utts and/or plan_limit")
+    wanted = None if splits is None else set(splits)
+    if wanted is not None and not wanted <= set(SPLITS):
+        raise ValueError(f"unknown split(s) {sorted(wanted - set(SPLITS))}; choose from {SPLITS}")
     langs = [lang for lang in langs if lang]
     for lang in langs:
         if lang not in LANGS:
@@ -1466,7 +1476,9 @@ def build_corpus(
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: stop cleanly like Ctrl-C
     try:
         for utt in plan:
-            if utt.id in by_id or utt.id in rejected:
+            if plan_limit is not None and utt.index >= plan_limit:
+                break
+            if utt.id in by_id or utt.id in rejected or (wanted is not None and utt.split not in wanted):
                 continue
             # Keep at most `window` jobs in flight, and never more than the utterances still wanted.
             while pending and (len(pending) >= window or done_n + len(pending) >= target_n or finished()):
@@ -1873,6 +1885,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--heldout-per-lang", type=int, default=HELDOUT_UTTS_PER_LANG)
     b.add_argument("--nice", type=int, default=0, help="renice worker processes by this much")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument(
+        "--splits", default=None,
+        help="comma-separated splits to synthesise (default: all), e.g. test,test_unseen_speaker",
+    )  # fmt: skip
+    b.add_argument("--plan-limit", type=int, default=None, help="stop at this plan index")
 
     c = sub.add_parser("check", help="synthesise check sentences with every speaker and report quality")
     c.add_argument("--out", default=None, help="write the check audio here")
@@ -1887,8 +1904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     if a.cmd == "build":
-        if a.hours is None and a.max_utts is None:
-            p.error("build needs --hours and/or --max-utts")
+        if a.hours is None and a.max_utts is None and a.plan_limit is None:
+            p.error("build needs --hours, --max-utts and/or --plan-limit")
         stats = build_corpus(
             a.out,
             a.hours,
@@ -1901,6 +1918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             heldout_per_lang=a.heldout_per_lang,
             nice=a.nice,
             progress=not a.no_progress,
+            splits=[x.strip() for x in a.splits.split(",") if x.strip()] if a.splits else None,
+            plan_limit=a.plan_limit,
         )
         return 130 if stats.get("interrupted") else 0
     if a.cmd == "check":
