@@ -6,7 +6,8 @@
 #   recipes/session.sh corpus [HOURS]     continue the corpus from recipes/lm_data, in the background
 #                                         (2 workers x 1 thread at nice 5; default HOURS: 1 more than packed)
 #   recipes/session.sh snapshot NAME [N]  freeze the first N rows (default: all) of data/corpus_big as
-#                                         data/NAME, extract tokens, embeddings and mels (exp/cache_big)
+#                                         data/NAME, extract tokens, embeddings and mels (exp/cache_big;
+#                                         KINDS="tokens" for fewer)
 #   recipes/session.sh evalcorpus         data/corpus: the held-out rows of plan index < 854, the set every
 #                                         gate figure in MODEL_CARD.md was measured on (a few minutes)
 #   recipes/session.sh pack               add the extracted tokens of data/corpus_big to recipes/lm_data
@@ -58,7 +59,7 @@ for line in sys.stdin:
     for f in corpus.json speakers.json sentences wavs; do
       [ -e "data/$name/$f" ] || ln -s "../corpus_big/$f" "data/$name/$f"
     done
-    for kind in tokens embeddings mels; do
+    for kind in ${KINDS:-tokens embeddings mels}; do
       case $kind in
         tokens) model=(--model $M/speech_tokenizer.safetensors) ;;
         embeddings) model=(--model $M/speaker_encoder.safetensors) ;;
@@ -76,7 +77,7 @@ for line in sys.stdin:
       --plan-limit 854 --workers 2 --no-progress
     ;;
   pack)
-    $0 snapshot lmpack
+    KINDS=tokens $0 snapshot lmpack
     $python -m cosyvoice2.train.lmdata pack --corpus data/lmpack --cache exp/cache_big --out recipes/lm_data \
       --tokenizer $M/speech_tokenizer.safetensors
     ;;
