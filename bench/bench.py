@@ -25,10 +25,12 @@ the GEMM shapes that decide the plan, and one estimator ODE step, in fp32, bf16 
 ``int8`` (``lm_quant="int8", flow_quant="int8"``), ``bf16`` (both bf16), ``fast-flow-int8`` (``fast`` with
 an int8 flow: the A/B of the flow's precision on a bf16 CPU), ``int8-steps5``/``fast-steps5``
 (``flow_steps=5``: half the flow work, a quality trade-off random weights cannot measure),
-``int8-quality`` (the older fp32-vs-int8 report). The JSON's ``machine`` records the CPU's flags, its kind
-and the plan of each ``compute`` choice; every timed variant records the precisions it ran. Timings are
-wall-clock medians; the machine may be shared, so ``load_before``/``load_after`` (1-minute load average)
-are recorded with them.
+``int8-quality`` (the older fp32-vs-int8 report), ``flow-levers`` (not in the default list: the flow
+sampler's levers ``cfg_steps`` and ``first_chunk_steps`` on the shipped model, CPU time and mel deviation
+from exact, and one full-size estimator step guided vs unguided). The JSON's ``machine`` records the
+CPU's flags, its kind and the plan of each ``compute`` choice; every timed variant records the
+precisions it ran. Timings are wall-clock medians; the machine may be shared, so ``load_before``/
+``load_after`` (1-minute load average) are recorded with them.
 
 The concurrency section runs 4 streams with the engine's flow batcher (the default) and again with
 ``flow_batch=False``. ``flow-batch`` (not in the default list: ``--variants flow-batch``) measures the
@@ -375,6 +377,190 @@ def default_model_quality() -> dict:
     }
 
 
+def flow_levers(quick: bool) -> dict:
+    """The flow's sampler levers on the shipped model (``cosyvoice2.load()``), fp32, 1 voice: time and mel
+    deviation from exact (the official sampler) of each setting.
+
+    Input: voice A speaking voice B's recorded tokens (as ``default-model-quality``). ``offline``: one
+    ``Flow.inference`` per setting: partial classifier-free guidance (``cfg_steps``: guided steps of 10),
+    and for scale uniformly fewer Euler steps (``flow_steps``) at about the same estimator work (k guided
+    of 10 costs (10 + k) / 20 of exact's rows). ``first_chunk``: a fast stream (saved voice state, the
+    ``fast`` schedule's hops 8, 16, 32, 50, ...) with ``first_chunk_steps``: the first chunk's flow time
+    and its mel deviation, and the deviation of the chunks after it, all from exact streaming. Times are
+    process CPU seconds (medians; 1 thread, so a busy machine stretches wall time, not CPU time, much);
+    deviations are mean |delta| of the log mel (mean |mel| given as the scale), beside the deviation of
+    exact's own streamed mel from its offline mel (what streaming already moves) and audio log-mel
+    deviations through the float32 vocoder beside exact's own audio with another vocoder seed.
+    """
+    import dataclasses
+
+    import cosyvoice2
+
+    tts = cosyvoice2.load()
+    models, flow = tts.models, tts.models.flow
+    names = sorted(models.speakers)
+    a, b = models.speakers[names[1]], models.speakers[names[0]]
+    target = b.speech_tokens.long()[None]
+    prompt = (a.speech_tokens.long()[None], a.mel[None], a.embedding[None])
+    base = flow.cfg
+    reps = 2 if quick else 3
+    rows: list[int] = []
+    hook = flow.estimator.final_proj.register_forward_hook(
+        lambda m, i, o: rows.append(o.shape[0] * o.shape[-1])
+    )
+
+    def cpu_s(fn):
+        times, out = [], None
+        for _ in range(reps):
+            c = time.process_time()
+            out = fn()
+            times.append(time.process_time() - c)
+        return out, statistics.median(times)
+
+    def offline():
+        return flow.inference(target, *prompt, streaming=False, finalize=True)
+
+    hops, n = [], 0
+    look = base.pre_lookahead_len
+    while True:
+        hop = 8 if not hops else min(2 * hops[-1], 50)
+        if n + hop + look > target.shape[1]:
+            break
+        hops.append(hop)
+        n += hop
+    state0 = flow.stream_start(*prompt)
+
+    def streamed():
+        outs, state, end = [], state0, 0
+        times = []
+        for hop in [*hops, None]:
+            c = time.process_time()
+            if hop is None:
+                mel, state = flow.stream_step(state, target[:, end:], None, final=True)
+            else:
+                ahead = target[:, end + hop : end + hop + look]
+                mel, state = flow.stream_step(state, target[:, end : end + hop], ahead, final=False)
+                end += hop
+            times.append(time.process_time() - c)
+            outs.append(mel)
+        return outs, times
+
+    def vocoded(mel, seed=0):
+        with torch.inference_mode():
+            return audio_mel(models.hift, mel, seed)
+
+    def dev(x, ref) -> float:
+        return round(float((x - ref).abs().mean()), 5)
+
+    try:
+        with torch.inference_mode():
+            ref, ref_s = cpu_s(offline)
+            ref_rows = sum(rows)  # estimator rows x frames of exact's calls (all repetitions)
+            ref_audio = vocoded(ref)
+            report: dict = {
+                "voices": [a.name or names[1], b.name or names[0]],
+                "target_tokens": int(target.shape[1]),
+                "n_timesteps": base.n_timesteps,
+                "mel_mean_abs": round(float(ref.abs().mean()), 3),
+                "audio_logmel_exact_other_vocoder_seed": dev(vocoded(ref, 1), ref_audio),
+                "offline": {"exact": {"cpu_s": round(ref_s, 3)}},
+            }
+            settings = [("cfg_steps", k) for k in (8, 6, 5, 4, 2, 0)] + [
+                ("n_timesteps", k) for k in (8, 7, 5)
+            ]
+            for key, k in settings:
+                flow.cfg = dataclasses.replace(base, **{key: k})
+                rows.clear()
+                mel, t = cpu_s(offline)
+                name = f"cfg_steps={k}" if key == "cfg_steps" else f"flow_steps={k}"
+                report["offline"][name] = {
+                    "cpu_s": round(t, 3),
+                    "cpu_ratio": round(t / ref_s, 3),
+                    "estimator_rows_ratio": round(sum(rows) / ref_rows, 3),
+                    "mel_mean_abs_diff": dev(mel, ref),
+                    "mel_max_abs_diff": round(float((mel - ref).abs().max()), 3),
+                    "audio_logmel_mean_abs_diff": dev(vocoded(mel), ref_audio),
+                }
+
+            def chunk_times():  # per-chunk medians over the repetitions, and the last run's mels
+                runs = [streamed() for _ in range(reps)]
+                return runs[-1][0], [statistics.median(ts) for ts in zip(*(r[1] for r in runs))]
+
+            flow.cfg = base
+            outs, times = chunk_times()
+            exact_stream = torch.cat(outs, -1)
+            exact_audio = vocoded(exact_stream)
+            report["first_chunk"] = {
+                "hops": hops,
+                "exact": {
+                    "first_chunk_cpu_s": round(times[0], 3),
+                    "second_chunk_cpu_s": round(times[1], 3),
+                    "stream_cpu_s": round(sum(times), 3),
+                    "stream_vs_offline_mel": dev(exact_stream, ref),
+                },
+            }
+            for k in (5, 3, 2):
+                flow.cfg = dataclasses.replace(base, first_chunk_steps=k)
+                o, ts = chunk_times()
+                report["first_chunk"][f"first_chunk_steps={k}"] = {
+                    "first_chunk_cpu_s": round(ts[0], 3),
+                    "first_chunk_cpu_ratio": round(ts[0] / times[0], 3),
+                    # the second call also solves the first block's exact ODE (the stream's state)
+                    "second_chunk_cpu_ratio": round(ts[1] / times[1], 3),
+                    "stream_cpu_ratio": round(sum(ts) / sum(times), 3),
+                    "first_chunk_mel_mean_abs_diff": dev(o[0], outs[0]),
+                    "later_chunks_mel_mean_abs_diff": dev(torch.cat(o[1:], -1), torch.cat(outs[1:], -1)),
+                    "stream_vs_offline_mel": dev(torch.cat(o, -1), ref),
+                    "audio_logmel_vs_exact_stream": dev(vocoded(torch.cat(o, -1)), exact_audio),
+                }
+            # Through the engine (LM, flow batcher, vocoder): the default voice, its prompt state cached.
+            text = "Streaming speech synthesis turns text into audio while the text is still arriving."
+            packets = {}
+            for k in (None, 5, 3):
+                flow.cfg = dataclasses.replace(base, first_chunk_steps=k)
+                first_packet(tts, text, None, 1)  # warms the voice's prompt state (shared by the settings)
+                runs = [first_packet(tts, text, None, 1) for _ in range(reps + 1)]
+                packets["exact" if k is None else f"first_chunk_steps={k}"] = {
+                    key: round(statistics.median(r[key] for r in runs), 3)
+                    for key in ("first_packet_s", "first_flow_s")
+                }
+            report["first_packet_wall_saved_voice"] = packets
+            flow.cfg = base
+            report["full_size_estimator_step"] = full_size_rows(reps)
+    finally:
+        flow.cfg = base
+        hook.remove()
+        tts.close()
+    report["torch_threads"] = torch.get_num_threads()
+    return report
+
+
+def full_size_rows(reps: int) -> dict:
+    """CPU seconds of one full-size (CosyVoice2-0.5B dimensions, random weights) estimator ODE step over a
+    56-frame block, guided (2 rows) and unguided (1 row, ``cfg_steps``): does halving the rows halve the
+    time at full size too?"""
+    import dataclasses
+
+    from cosyvoice2.flow import Flow, FlowConfig
+
+    torch.manual_seed(0)
+    flow = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+    ids = torch.randint(0, 6561, (1, 31), generator=torch.Generator().manual_seed(1))
+    empty = (ids[:, :0], torch.zeros(1, 0, 80), torch.randn(1, 192))
+    out = {}
+    with torch.inference_mode():
+        for name, cfg_steps in (("guided_2_rows", None), ("unguided_1_row", 0)):
+            flow.cfg = dataclasses.replace(flow.cfg, cfg_steps=cfg_steps)
+            block = flow.stream_prepare(flow.stream_start(*empty), ids[:, :28], ids[:, 28:], final=False)
+            flow.euler_step([block])
+            c = time.process_time()
+            for _ in range(reps):
+                flow.euler_step([block])
+            out[f"{name}_cpu_s"] = round((time.process_time() - c) / reps, 3)
+    out["ratio"] = round(out["unguided_1_row_cpu_s"] / out["guided_2_rows_cpu_s"], 3)
+    return out
+
+
 KERNEL_SHAPES = {  # the shapes the plan is about
     "lm_decode_row [1,896]x[896,4864]": (1, 896, 4864),
     "flow_block [512,256]x[256,1024]": (512, 256, 1024),
@@ -567,12 +753,14 @@ def run_variant(variant: str, quick: bool) -> dict:
             return out | {"flow_batch": flow_batch_gain()}
         if variant == "op-share":
             return out | {"op_share": op_share()}
+        if variant == "flow-levers":
+            return out | {"flow_levers": flow_levers(quick)}
         if variant == "kernels":
             return out | {"kernels": kernels(5 if quick else 20)}
         if variant == "compute-quality":
             return out | {"compute_quality": random_quality()}
         if variant not in VARIANTS and variant != "int8-quality":
-            known = [*VARIANTS, *DEFAULT_VARIANTS, "int8-quality", "flow-batch", "op-share"]
+            known = [*VARIANTS, *DEFAULT_VARIANTS, "int8-quality", "flow-batch", "op-share", "flow-levers"]
             raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(dict.fromkeys(known))}")
         models = random_full_size()
         if variant == "int8-quality":

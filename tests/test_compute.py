@@ -19,6 +19,7 @@ The bounds below leave about 2x room over the worst measured case (CPUs round di
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -87,12 +88,16 @@ def test_fast_plan_per_cpu_kind(extra, arch, kind, lm, flow):
     assert set(fast.reasons) >= {"lm", "flow"}
     exact = cpu.plan("exact", features)
     assert (exact.lm, exact.flow) == ("fp32", "fp32")
-    assert exact.load_options() == {"lm_quant": None, "flow_quant": None, "flow_steps": None}
+    levers = {"cfg_steps": None, "first_chunk_steps": None}  # sampler levers: off in every plan
+    assert exact.load_options() == {"lm_quant": None, "flow_quant": None, "flow_steps": None} | levers
+    assert fast.load_options()["cfg_steps"] is None and fast.load_options()["first_chunk_steps"] is None
 
 
 def test_overrides_win_and_are_reported():
     p = cpu.plan("fast", _cpu("avx512_bf16 avx512_vnni")).with_overrides("bf16", "fp32", 5)
-    assert p.load_options() == {"lm_quant": "bf16", "flow_quant": None, "flow_steps": 5}
+    assert p.load_options() == {
+        "lm_quant": "bf16", "flow_quant": None, "flow_steps": 5, "cfg_steps": None, "first_chunk_steps": None
+    }  # fmt: skip
     assert p.reasons["lm"] == p.reasons["flow"] == p.reasons["flow_steps"] == "set by the caller"
 
 
@@ -124,8 +129,18 @@ def test_cli_compute_flag():
         "flow_steps": 5,
     }
     assert cli._load_options(parser.parse_args(["speak", "hi"])) == {"compute": "exact"}
+    args = parser.parse_args(["speak", "hi", "--cfg-steps", "6", "--first-chunk-steps", "3"])
+    assert cli._load_options(args) == {"compute": "exact", "cfg_steps": 6, "first_chunk_steps": 3}
     assert parser.parse_args(["serve", "--compute", "fast"]).compute == "fast"
     assert cli._server_settings(parser.parse_args(["serve", "--compute", "fast"]))["compute"] == "fast"
+    args = parser.parse_args(["serve", "--cfg-steps", "5", "--first-chunk-steps", "4"])
+    settings = cli._server_settings(args)
+    assert (settings["cfg_steps"], settings["first_chunk_steps"]) == (5, 4)
+    assert cli._server_settings(parser.parse_args(["serve"]))["cfg_steps"] is None
+    pytest.importorskip("fastapi")
+    from cosyvoice2 import server
+
+    assert set(settings) <= set(inspect.signature(server.serve).parameters)  # serve takes every setting
     with pytest.raises(SystemExit):
         parser.parse_args(["speak", "hi", "--compute", "turbo"])
 

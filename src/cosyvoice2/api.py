@@ -356,6 +356,8 @@ def load(
     lm_quant: str | None = None,
     flow_quant: str | None = None,
     flow_steps: int | None = None,
+    cfg_steps: int | None = None,
+    first_chunk_steps: int | None = None,
     **engine_options,
 ) -> CosyVoice2:
     """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model.
@@ -373,8 +375,12 @@ def load(
     ``flow_quant`` ("int8": the flow estimator's transformer Linears in int8; "bf16": the estimator under
     bf16 autocast; "fp32"). ``flow_steps`` (official: 10) sets the number of Euler steps of the flow's ODE:
     flow time is proportional to it (the flow dominates CPU time), at a cost in quality that random-weight
-    benchmarks cannot show: check it on real weights before using it. ``engine_options`` are the fields
-    of ``cosyvoice2.engine.EngineOptions`` (``max_batch``, ``flow_slots``, ``prompt_cache_mb``, ...).
+    benchmarks cannot show: check it on real weights before using it. ``cfg_steps``: classifier-free
+    guidance on the first k Euler steps only (the others run the estimator on one row instead of two);
+    ``first_chunk_steps``: Euler steps of a fast stream's first chunk only (first-packet latency); both
+    None by default (official; see ``FlowConfig`` and bench/README.md for what they cost and save).
+    ``engine_options`` are the fields of ``cosyvoice2.engine.EngineOptions`` (``max_batch``,
+    ``flow_slots``, ``prompt_cache_mb``, ...).
     """
     from . import cpu
 
@@ -382,7 +388,7 @@ def load(
     for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
         if value not in _QUANT_CHOICES:
             raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
-    plan = cpu.plan(compute).with_overrides(lm_quant, flow_quant, flow_steps)
+    plan = cpu.plan(compute).with_overrides(lm_quant, flow_quant, flow_steps, cfg_steps, first_chunk_steps)
     if path is None:
         from .default_model import default_model_dir
 
@@ -412,15 +418,26 @@ def speed_up(
     lm_quant: str | None = None,
     flow_quant: str | None = None,
     flow_steps: int | None = None,
+    cfg_steps: int | None = None,
+    first_chunk_steps: int | None = None,
 ) -> Models:
     """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``; None/"fp32": unchanged)."""
     for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
         if value not in _QUANT_CHOICES:
             raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
-    if flow_steps is not None:
-        if not isinstance(flow_steps, int) or not 1 <= flow_steps <= 100:
-            raise InputError(f"flow_steps must be an integer in [1, 100], got {flow_steps!r}")
-        models.flow.cfg = dataclasses.replace(models.flow.cfg, n_timesteps=flow_steps)
+    sampler = {}  # FlowConfig fields: Euler steps, guided steps, first-chunk steps
+    for name, key, value, low in (
+        ("flow_steps", "n_timesteps", flow_steps, 1),
+        ("cfg_steps", "cfg_steps", cfg_steps, 0),
+        ("first_chunk_steps", "first_chunk_steps", first_chunk_steps, 1),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, int) or not low <= value <= 100:
+            raise InputError(f"{name} must be an integer in [{low}, 100], got {value!r}")
+        sampler[key] = value
+    if sampler:
+        models.flow.cfg = dataclasses.replace(models.flow.cfg, **sampler)
     if lm_quant == "int8" and models.lm is not None:
         from .engine import quantize_lm_int8
 

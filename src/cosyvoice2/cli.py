@@ -27,6 +27,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_compute_arg(p)
     p.add_argument("--int8", action="store_true", help="int8 LM and flow: faster, not exact")
     p.add_argument("--flow-steps", type=int, default=None, help="flow ODE steps (official 10)")
+    _add_sampler_args(p)
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """The flow sampler's levers (``FlowConfig.cfg_steps``, ``FlowConfig.first_chunk_steps``)."""
+    p.add_argument(
+        "--cfg-steps", type=int, default=None,
+        help="classifier-free guidance on the first K flow steps only (default: all; not exact)",
+    )  # fmt: skip
+    p.add_argument(
+        "--first-chunk-steps", type=int, default=None,
+        help="flow ODE steps of a stream's first chunk (first-packet latency; default: all; not exact)",
+    )  # fmt: skip
 
 
 def _add_compute_arg(p: argparse.ArgumentParser) -> None:
@@ -41,12 +54,14 @@ def _add_compute_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load_options(args) -> dict:
-    """``cosyvoice2.load`` keywords from --compute, --int8 and --flow-steps (explicit knobs win)."""
+    """``cosyvoice2.load`` keywords from --compute, --int8, --flow-steps, --cfg-steps and
+    --first-chunk-steps (explicit knobs win)."""
     opts: dict = {"compute": getattr(args, "compute", "exact")}
     if getattr(args, "int8", False):
         opts |= {"lm_quant": "int8", "flow_quant": "int8"}
-    if getattr(args, "flow_steps", None) is not None:
-        opts["flow_steps"] = args.flow_steps
+    for name in ("flow_steps", "cfg_steps", "first_chunk_steps"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
     return opts
 
 
@@ -155,6 +170,7 @@ def cmd_eval(args) -> int:
     similarity = ev.SpeakerSimilarity.load(args.speaker_encoder)
     tts = _load(args)
     options = {"compute": args.compute, "int8": args.int8, "flow_steps": args.flow_steps}
+    options |= {"cfg_steps": args.cfg_steps, "first_chunk_steps": args.first_chunk_steps}
     options |= {"threads": args.threads, "plan": tts.compute_plan.as_dict()}
     header = {
         "model": ev.model_info(tts, args.model, options),
@@ -217,6 +233,8 @@ def _server_settings(args) -> dict:
         request_timeout=args.request_timeout,
         cors_origins=args.cors_origin or [],
         compute=args.compute,
+        cfg_steps=args.cfg_steps,
+        first_chunk_steps=args.first_chunk_steps,
     )
 
 
@@ -297,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     _add_compute_arg(p)
+    _add_sampler_args(p)
     g = p.add_argument_group("voice library (default: SQLite + files in --data-dir)")
     g.add_argument(
         "--voice-db", help="postgresql://USER@HOST/DB, shared by several servers (or $COSYVOICE2_VOICE_DB)"

@@ -19,9 +19,11 @@
     (measured 15-30 % faster than fp32 on the AVX2 EPYC, ~2.4x with VNNI).
   - the vocoder (HiFT, ~10 % of the time) stays float32: not measured yet.
 
-Fewer ODE steps (``flow_steps``) are not part of ``fast``: their quality cost needs trained-model
-measurements (WER, speaker similarity) first. Explicit ``lm_quant``/``flow_quant``/``flow_steps``
-arguments of ``load`` override the plan's entries.
+Fewer ODE steps (``flow_steps``, ``first_chunk_steps``) and guidance on part of the steps (``cfg_steps``)
+are not part of ``fast``: they change the sampler, not only rounding, and their quality cost needs
+trained-model measurements (WER, speaker similarity) first (bench/README.md "Flow sampler levers").
+Explicit ``lm_quant``/``flow_quant``/``flow_steps``/``cfg_steps``/``first_chunk_steps`` arguments of
+``load`` override the plan's entries.
 
 Features come from /proc/cpuinfo's flags (Linux) and ``torch.backends.cpu.get_cpu_capability()`` (the
 vector ISA torch's kernels were dispatched to), read once per process.
@@ -144,6 +146,8 @@ class ComputePlan:
     vocoder: str = "fp32"
     flow_steps: int | None = None  # None: the model's own (official 10)
     reasons: dict[str, str] = field(default_factory=dict)
+    cfg_steps: int | None = None  # guided Euler steps (None: all, official; FlowConfig.cfg_steps)
+    first_chunk_steps: int | None = None  # Euler steps of a stream's first chunk (None: all)
 
     def load_options(self) -> dict:
         """The ``cosyvoice2.api.speed_up`` arguments that realise this plan."""
@@ -151,17 +155,24 @@ class ComputePlan:
             "lm_quant": None if self.lm == "fp32" else self.lm,
             "flow_quant": None if self.flow == "fp32" else self.flow,
             "flow_steps": self.flow_steps,
+            "cfg_steps": self.cfg_steps,
+            "first_chunk_steps": self.first_chunk_steps,
         }
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def with_overrides(
-        self, lm: str | None = None, flow: str | None = None, flow_steps: int | None = None
-    ) -> ComputePlan:
+        self, lm: str | None = None, flow: str | None = None, flow_steps: int | None = None,
+        cfg_steps: int | None = None, first_chunk_steps: int | None = None,
+    ) -> ComputePlan:  # fmt: skip
         """The plan with the entries a caller set explicitly (``load(lm_quant=..., ...)``); None keeps one."""
         reasons, changes = dict(self.reasons), {}
-        for key, value in (("lm", lm), ("flow", flow), ("flow_steps", flow_steps)):
+        explicit = (
+            ("lm", lm), ("flow", flow), ("flow_steps", flow_steps), ("cfg_steps", cfg_steps),
+            ("first_chunk_steps", first_chunk_steps),
+        )  # fmt: skip
+        for key, value in explicit:
             if value is not None and value != getattr(self, key):
                 changes[key] = value
                 reasons[key] = "set by the caller"

@@ -147,6 +147,19 @@ class FlowConfig:
     prediction: str = "velocity"
     encoder: EncoderConfig = EncoderConfig()
     estimator: EstimatorConfig = EstimatorConfig()
+    # Sampler speed levers (not official; None keeps the official sampler bit for bit, see bench/README.md).
+    # ``cfg_steps``: classifier-free guidance (the estimator's batch-2 call) only on the first k of the
+    # ``n_timesteps`` Euler steps; the rest run the conditional row alone (half the estimator rows) and
+    # take its velocity unguided. A block solved with another step count (``first_chunk_steps``) guides
+    # the same share of its steps, ceil(k * m / n) of m. ``first_chunk_steps``: Euler steps of a stream's
+    # first block (the first ``Flow.stream_step`` after ``stream_start``: first-packet latency; the block
+    # reads the prompt state's per-step caches at the nearest time of its grid). The stream's state after
+    # that block is the exact one: its ``n_timesteps`` ODE is solved too, lazily, by the next call (off the
+    # first packet's path), so every later chunk equals exact streaming bit for bit (reading the fast
+    # block's own caches instead moved the later chunks too; bench/README.md "Flow sampler levers").
+    # ``Flow.inference`` has no first chunk: only ``cfg_steps`` changes it.
+    cfg_steps: int | None = None
+    first_chunk_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.prediction not in ("velocity", "data", "residual"):
@@ -155,6 +168,19 @@ class FlowConfig:
             )
         if not self.mel_std > 0:
             raise ValueError(f"flow mel_std must be positive, got {self.mel_std}")
+        if self.cfg_steps is not None and (not isinstance(self.cfg_steps, int) or self.cfg_steps < 0):
+            raise ValueError(f"flow cfg_steps must be None or an integer >= 0, got {self.cfg_steps!r}")
+        first = self.first_chunk_steps
+        if first is not None and (not isinstance(first, int) or first < 1):
+            raise ValueError(f"flow first_chunk_steps must be None or an integer >= 1, got {first!r}")
+
+    def cfg_rows(self, steps: int) -> tuple[int, ...]:
+        """Estimator rows of each Euler step of a ``steps``-step grid: 2 (guided: conditional +
+        unconditional row) or 1 (conditional only, ``cfg_steps``)."""
+        if self.cfg_steps is None:
+            return (_CFG_BATCH,) * steps
+        guided = min(steps, math.ceil(self.cfg_steps * steps / self.n_timesteps))
+        return (_CFG_BATCH,) * guided + (1,) * (steps - guided)
 
     @property
     def noise_frames(self) -> int:
@@ -325,7 +351,8 @@ class CacheWalk:
 class BatchWalk:
     """One estimator call over the blocks of several streams (``Flow.euler_step``).
 
-    Rows [2i, 2i + 2) of the batch (a CFG pair) are stream i, whose block has ``lengths[i]`` frames; the
+    Rows [2i, 2i + 2) of the batch (a CFG pair) are stream i, whose block has ``lengths[i]`` frames (with
+    ``rows``: stream i has rows[i] rows, 1 on an unguided step, see ``FlowConfig.cfg_steps``); the
     frames after that are padding (the estimator's ``mask`` zeroes them before every conv; the convs are
     causal and attention is per stream, so padding never reaches a real frame). Each stream keeps its own
     ``CacheWalk`` (its own keys/values, conv contexts, tail buffers) and its own attention mask
@@ -336,18 +363,26 @@ class BatchWalk:
     streaming = True
 
     def __init__(
-        self, walks: Sequence[CacheWalk], lengths: Sequence[int], allowed: Sequence[Tensor | None]
+        self,
+        walks: Sequence[CacheWalk],
+        lengths: Sequence[int],
+        allowed: Sequence[Tensor | None],
+        rows: Sequence[int] | None = None,
     ) -> None:
         self.walks, self.lengths, self.allowed = list(walks), list(lengths), list(allowed)
+        self.rows = [_CFG_BATCH] * len(self.walks) if rows is None else list(rows)
+        self._starts = [sum(self.rows[:i]) for i in range(len(self.rows) + 1)]
 
     def _rows(self, i: int) -> slice:
-        return slice(_CFG_BATCH * i, _CFG_BATCH * (i + 1))
+        return slice(self._starts[i], self._starts[i + 1])
 
     def conv_context(self, x: Tensor, k: int) -> Tensor:
         """x [2R, C, T] -> [2R, C, k + T]; each stream keeps the last k frames of its own block."""
         left = [w.take() for w in self.walks]
-        zeros = x.new_zeros(_CFG_BATCH, x.shape[1], k)
-        h = torch.cat([torch.cat([zeros if c is None else c.to(x.dtype) for c in left]), x], dim=-1)
+        parts = [
+            x.new_zeros(r, x.shape[1], k) if c is None else c.to(x.dtype) for c, r in zip(left, self.rows)
+        ]
+        h = torch.cat([torch.cat(parts), x], dim=-1)
         for i, (w, n) in enumerate(zip(self.walks, self.lengths)):
             # Stream i's frames end at k + n: its last k (context included, for a block shorter than k).
             w.keep(h[self._rows(i), :, n : n + k].clone(memory_format=torch.contiguous_format))
@@ -866,6 +901,10 @@ class FlowStream:
     finished: bool = False
     # per ODE step, the buffers behind the estimator key/value tails (``_append_tail``), in layer order
     estimator_buffers: _Buffers = ()
+    blocks: int = 0  # stream_step blocks decoded since stream_start (0: the next is the first chunk)
+    # ``first_chunk_steps``: the first block's exact ODE, whose caches are this state's ``estimator``; solved
+    # (once, thread-safe) by the next ``stream_prepare``. None: ``estimator`` is complete.
+    redo: _Redo | None = None
 
     @property
     def nbytes(self) -> int:
@@ -882,17 +921,23 @@ class _ODE:
     (the block's slice of the flow's fixed noise table at the start), ``grid`` the (t, dt) of every step,
     allowed [1, 1, n, S] or None the block's attention mask. ``caches``/``buffers``: the stream's
     per-step estimator state before the block; ``new``/``new_buffers``: after it, one entry per step done.
+    ``rows``: estimator rows of each step (2: guided; 1: the conditional row alone, ``FlowConfig.cfg_steps``).
+    ``slots``: the cache entry each step reads (None: entry k for step k; another grid's caches are read at
+    the nearest time, ``FlowConfig.first_chunk_steps``).
     """
 
     def __init__(
         self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
         grid: list[tuple[Tensor, Tensor]], caches: _Caches | None, buffers: _Buffers, collect: bool,
-        kv_dtype: torch.dtype | None, share: bool,
+        kv_dtype: torch.dtype | None, share: bool, rows: Sequence[int] | None = None,
+        slots: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
         self.mu2, self.spks2, self.cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
         self.mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
         self.x = noise.to(mu.dtype)
         self.allowed, self.grid = allowed, grid
+        self.rows = tuple(rows) if rows is not None else (_CFG_BATCH,) * len(grid)
+        self.slots = None if slots is None else tuple(slots)
         self.caches, self.buffers = caches, buffers
         self.collect, self.kv_dtype, self.share = collect, kv_dtype, share
         self.k = 0  # steps done
@@ -907,22 +952,41 @@ class _ODE:
     def done(self) -> bool:
         return self.k == len(self.grid)
 
+    @property
+    def n_rows(self) -> int:
+        """Estimator rows of the next step."""
+        return self.rows[self.k]
+
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(x, mask, mu, t, spks, cond) of the next step's estimator call, ``n_rows`` rows each."""
+        r = self.n_rows
+        x, t = self.x.expand(r, -1, -1), self.grid[self.k][0].to(self.x.dtype).expand(r)
+        if r == _CFG_BATCH:
+            return x, self.mask, self.mu2, t, self.spks2, self.cond2
+        return x, self.mask[:r], self.mu2[:r], t, self.spks2[:r], self.cond2[:r]
+
     def walk(self) -> CacheWalk:
         """The stream's cache walk for the next step."""
-        k = self.k
-        return CacheWalk(
-            self.caches[k] if self.caches else None, self.collect, self.kv_dtype, self.share,
-            self.buffers[k] if self.buffers else None,
-        )  # fmt: skip
+        k = self.k if self.slots is None else self.slots[self.k]
+        old = self.caches[k] if self.caches else None
+        buffers = self.buffers[k] if self.buffers else None
+        r = self.n_rows
+        if old and old[0].shape[0] != r:
+            # Entry made by a step with the other row count (``cfg_steps`` with another grid): the guided
+            # row alone, or it stands in for both rows. Tails are then copied (no buffers).
+            old = tuple(t[:r] if t.shape[0] > r else t.expand(r, *t.shape[1:]) for t in old)
+            buffers = None
+        return CacheWalk(old, self.collect, self.kv_dtype, self.share, buffers)
 
     def advance(self, v: Tensor, walk: CacheWalk, cfg_rate: float, data: bool = False) -> None:
-        """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair.
+        """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair ([1, M, n] on an
+        unguided step: the conditional velocity is taken as it is).
 
         ``data``: the output predicts the clean mel (``FlowConfig.prediction``), turned into a velocity here
         (after the guidance mix, which is linear in either form).
         """
         t, dt = self.grid[self.k]
-        g = (1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:]
+        g = (1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:] if v.shape[0] == _CFG_BATCH else v
         if data:
             g = (g - self.x) / (1 - t.to(g.dtype))
         self.x = self.x + dt * g
@@ -930,6 +994,26 @@ class _ODE:
             self.new.append(walk.result())
             self.new_buffers.append(tuple(walk.buffers))
         self.k += 1
+
+
+class _Redo:
+    """The ``n_timesteps`` ODE of a stream's first block (``FlowConfig.first_chunk_steps``), solved at most
+    once, by whichever call needs its caches first (``Flow._settle``); states sharing it stay immutable."""
+
+    def __init__(self, ode: _ODE) -> None:
+        self._ode: _ODE | None = ode
+        self._lock = threading.Lock()
+        self._caches: tuple[_Caches, _Buffers] | None = None
+
+    def caches(self, flow: Flow) -> tuple[_Caches, _Buffers]:
+        with self._lock:
+            if self._caches is None:
+                assert self._ode is not None
+                while not self._ode.done:
+                    flow._euler_step([self._ode])
+                self._caches = (tuple(self._ode.new), tuple(self._ode.new_buffers))
+                self._ode = None
+            return self._caches
 
 
 @dataclass(eq=False)
@@ -944,6 +1028,7 @@ class FlowBlock:
     ode: _ODE | None  # None for an empty final block (nothing to solve)
     state: FlowStream  # the next state, without the estimator caches (``stream_finish`` adds them)
     in_prompt: int  # leading frames of the block that are prompt frames (solved, not returned)
+    redo: _ODE | None = None  # the block's exact ODE, whose caches the next state gets (first_chunk_steps)
 
     @property
     def done(self) -> bool:
@@ -1022,9 +1107,11 @@ class Flow(nn.Module):
             )
         return self.noise[:, :, f0:f1]
 
-    def _time_grid(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-        """(t, dt) per Euler step, accumulated as the official solver does (t += dt; dt = t_{k+1} - t)."""
-        n = self.cfg.n_timesteps
+    def _time_grid(self, device: torch.device, steps: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        """(t, dt) per Euler step, accumulated as the official solver does (t += dt; dt = t_{k+1} - t).
+
+        ``steps``: the number of Euler steps (None: ``n_timesteps``)."""
+        n = self.cfg.n_timesteps if steps is None else steps
         span = torch.linspace(0, 1, n + 1, device=device, dtype=torch.float32)
         if self.cfg.t_scheduler == "cosine":
             span = 1 - torch.cos(span * 0.5 * torch.pi)
@@ -1055,9 +1142,20 @@ class Flow(nn.Module):
     def _ode(
         self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
         caches: _Caches | None, buffers: _Buffers, collect: bool, kv_dtype: torch.dtype | None, share: bool,
+        steps: int | None = None,
     ) -> _ODE:  # fmt: skip
-        grid = self._time_grid(mu.device)
-        return _ODE(mu, spks, cond, noise, allowed, grid, caches, buffers, collect, kv_dtype, share)
+        """The ODE of one block over ``steps`` Euler steps (None: ``n_timesteps``). ``caches`` made on a grid
+        of another length are read at the nearest time (``FlowConfig.first_chunk_steps``)."""
+        steps = self.cfg.n_timesteps if steps is None else steps
+        grid = self._time_grid(mu.device, steps)
+        slots = None
+        if caches and len(caches) != steps:
+            times = torch.stack([t for t, _ in self._time_grid(mu.device, len(caches))])
+            slots = [int((times - t).abs().argmin()) for t, _ in grid]
+        rows = self.cfg.cfg_rows(steps)
+        return _ODE(
+            mu, spks, cond, noise, allowed, grid, caches, buffers, collect, kv_dtype, share, rows, slots
+        )  # fmt: skip
 
     def _euler_step(self, odes: Sequence[_ODE]) -> None:
         """One Euler step of every ODE (each at its own step) in one estimator call.
@@ -1072,29 +1170,28 @@ class Flow(nn.Module):
         if len(odes) == 1:
             o = odes[0]
             walk = o.walk()
-            x2, t2 = o.x.expand(_CFG_BATCH, -1, -1), o.grid[o.k][0].to(o.x.dtype).expand(_CFG_BATCH)
-            v = self.estimator.run(x2, o.mask, o.mu2, t2, o.spks2, o.cond2, o.allowed, walk)
+            x2, mask, mu2, t2, spks2, cond2 = o.inputs()
+            v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, o.allowed, walk)
             if residual:  # mu2 = [mu, 0]: the conditional pass adds mu, the unconditional one nothing
-                v = v + o.mu2.to(v.dtype)
+                v = v + mu2.to(v.dtype)
             o.advance(v, walk, a, data)
             return
-        lengths = [o.frames for o in odes]
+        lengths, rows = [o.frames for o in odes], [o.n_rows for o in odes]
         n = max(lengths)
 
         def stack(parts: list[Tensor]) -> Tensor:  # [2, C, n_i] each -> [2R, C, n] (zeros after n_i)
             return torch.cat([F.pad(p, (0, n - p.shape[-1])) for p in parts])
 
-        x2 = stack([o.x.expand(_CFG_BATCH, -1, -1) for o in odes])
-        mu2, cond2, mask = (stack([getattr(o, name) for o in odes]) for name in ("mu2", "cond2", "mask"))
-        spks2 = torch.cat([o.spks2 for o in odes])  # [2R, M]
-        t2 = torch.cat([o.grid[o.k][0].to(o.x.dtype).expand(_CFG_BATCH) for o in odes])  # [2R]
+        inputs = [o.inputs() for o in odes]  # (x, mask, mu, t, spks, cond) per ODE
+        x2, mask, mu2, cond2 = (stack([i[j] for i in inputs]) for j in (0, 1, 2, 5))
+        t2, spks2 = torch.cat([i[3] for i in inputs]), torch.cat([i[4] for i in inputs])  # [2R], [2R, M]
         walks = [o.walk() for o in odes]
-        batch = BatchWalk(walks, lengths, [o.allowed for o in odes])
+        batch = BatchWalk(walks, lengths, [o.allowed for o in odes], rows)
         v = self.estimator.run(x2, mask, mu2, t2, spks2, cond2, None, batch)  # [2R, M, n]
         if residual:
             v = v + mu2.to(v.dtype)
         for i, (o, walk) in enumerate(zip(odes, walks)):
-            o.advance(v[_CFG_BATCH * i : _CFG_BATCH * (i + 1), :, : o.frames], walk, a, data)
+            o.advance(v[batch._rows(i), :, : o.frames], walk, a, data)
 
     # -- official inference ----------------------------------------------------------------------
 
@@ -1144,12 +1241,12 @@ class Flow(nn.Module):
     def stream_bytes_per_frame(self, cache_dtype: torch.dtype = torch.float32) -> float:
         """Cache bytes a stream holds per mel frame (prompt + generated), without the constant conv contexts.
 
-        Estimator: K and V of every attention block, for every ODE step and both CFG rows, in ``cache_dtype``.
-        Encoder (model dtype): K, V and projected position rows of every Conformer block; the token-rate
-        blocks hold one row per r frames.
+        Estimator: K and V of every attention block, for every ODE step and its rows (both CFG rows, or the
+        conditional one on unguided steps), in ``cache_dtype``. Encoder (model dtype): K, V and projected
+        position rows of every Conformer block; the token-rate blocks hold one row per r frames.
         """
         cfg, est, enc = self.cfg, self.cfg.estimator, self.cfg.encoder
-        kv = cfg.n_timesteps * _CFG_BATCH * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
+        kv = sum(cfg.cfg_rows(cfg.n_timesteps)) * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
         encoder = 3 * enc.d_model * (enc.n_blocks / cfg.token_mel_ratio + enc.n_up_blocks)
         return kv * torch.finfo(cache_dtype).bits / 8 + encoder * self.noise.element_size()
 
@@ -1217,6 +1314,7 @@ class Flow(nn.Module):
         """The first part of ``stream_step`` (arguments as there): checks, encoder, the block's ODE set up."""
         if state.finished:
             raise InputError("this flow stream has already ended (final=True was given)")
+        state = self._settle(state)
         dev, look = self.noise.device, self.cfg.pre_lookahead_len
         tokens = self._check(_as_tokens(tokens, "tokens", dev), "tokens")
         ahead = (
@@ -1237,9 +1335,14 @@ class Flow(nn.Module):
             if not final:
                 raise InputError("stream_step needs at least one token when final=False")
             return FlowBlock(None, replace(state, finished=True), 0)
-        out = self._prepare(state, block, ahead)
+        # The stream's first block may take fewer Euler steps (first packet); the state says which it is.
+        steps = self.cfg.first_chunk_steps if state.blocks == 0 else None
+        if steps == self.cfg.n_timesteps:
+            steps = None
+        out = self._prepare(state, block, ahead, steps=steps, redo=steps is not None and not final)
         promised = block[:, :0] if ahead is None else ahead
-        out.state = replace(out.state, pending=tokens[:, :0], promised=promised, finished=final)
+        nxt = replace(out.state, pending=tokens[:, :0], promised=promised, finished=final)
+        out.state = replace(nxt, blocks=state.blocks + 1)
         return out
 
     @torch.inference_mode()
@@ -1260,8 +1363,18 @@ class Flow(nn.Module):
         if block.ode is None:
             return block.state.prompt_mel.new_zeros(1, self.cfg.n_mels, 0), block.state
         o = block.ode
-        state = replace(block.state, estimator=tuple(o.new), estimator_buffers=tuple(o.new_buffers))
+        if block.redo is not None:  # the exact ODE's caches, solved when the next call needs them
+            state = replace(block.state, redo=_Redo(block.redo))
+        else:
+            state = replace(block.state, estimator=tuple(o.new), estimator_buffers=tuple(o.new_buffers))
         return self._mel_out(o.x[:, :, block.in_prompt :]), state
+
+    def _settle(self, state: FlowStream) -> FlowStream:
+        """``state`` with its estimator caches complete (solves a pending first-block ODE, once)."""
+        if state.redo is None:
+            return state
+        caches, buffers = state.redo.caches(self)
+        return replace(state, estimator=caches, estimator_buffers=buffers, redo=None)
 
     def _advance(
         self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False
@@ -1278,9 +1391,12 @@ class Flow(nn.Module):
         return self.stream_finish(out)
 
     def _prepare(
-        self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False
-    ) -> FlowBlock:
-        """Encoder over the block (arguments as ``_advance``) and its ODE, ready for ``euler_step``."""
+        self, state: FlowStream, block: Tensor, ahead: Tensor | None, share: bool = False,
+        steps: int | None = None, redo: bool = False,
+    ) -> FlowBlock:  # fmt: skip
+        """Encoder over the block (arguments as ``_advance``) and its ODE over ``steps`` Euler steps (None:
+        ``n_timesteps``), ready for ``euler_step``. ``redo``: also set up the block's ``n_timesteps`` ODE,
+        whose caches (not the ``steps`` ODE's) the next state gets."""
         r, a, n = self.cfg.token_mel_ratio, state.n_tokens, block.shape[1]
         f0, f1 = r * a, r * (a + n)
         noise = self._noise(f0, f1)
@@ -1294,10 +1410,13 @@ class Flow(nn.Module):
         cond = torch.zeros_like(mu)
         cond[:, :, :in_prompt] = state.prompt_mel[:, :, f0 : f0 + in_prompt]
         allowed = block_mask(f0, f1 - f0, est_chunk, None, mu.device)
-        ode = self._ode(
-            mu, state.spks, cond, noise, allowed, state.estimator, state.estimator_buffers, True,
-            state.cache_dtype, share,
-        )  # fmt: skip
+
+        def ode(collect: bool, n_steps: int | None) -> _ODE:
+            return self._ode(
+                mu, state.spks, cond, noise, allowed, state.estimator, state.estimator_buffers, collect,
+                state.cache_dtype, share, n_steps,
+            )  # fmt: skip
+
         # The caches of the next state come from the ODE (``stream_finish``); until then it holds none.
         nxt = replace(state, n_tokens=a + n, encoder=enc.result(), estimator=(), estimator_buffers=())
-        return FlowBlock(ode, nxt, in_prompt)
+        return FlowBlock(ode(not redo, steps), nxt, in_prompt, ode(True, None) if redo else None)

@@ -71,11 +71,15 @@ def serve(
     voice_files: str | None = None,
     voice_namespace: str = "default",
     compute: str = "exact",
+    cfg_steps: int | None = None,
+    first_chunk_steps: int | None = None,
 ) -> None:
     """Load ``model`` (a model directory; None: the default model) and serve it until interrupted.
 
     ``compute``: "exact" (float32, the official numbers) or "fast" (the precision this CPU runs fastest,
     ``cosyvoice2.cpu.plan``); a server-wide setting, since the model is loaded once for every request.
+    ``cfg_steps`` and ``first_chunk_steps`` (None: official) are the flow sampler's levers of
+    ``cosyvoice2.load``, server-wide too.
 
     ``data_dir`` holds the voice library (None: $XDG_DATA_HOME/cosyvoice2, i.e. ~/.local/share/cosyvoice2).
     ``api_key`` (None: $COSYVOICE2_API_KEY if set, else no auth) is required as ``Authorization: Bearer``
@@ -119,9 +123,11 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    tts = cosyvoice2.load(model, compute=compute)
+    tts = cosyvoice2.load(model, compute=compute, cfg_steps=cfg_steps, first_chunk_steps=first_chunk_steps)
     plan = tts.compute_plan
     log.info("compute %s on a %s CPU: LM %s, flow %s", plan.compute, plan.cpu_kind, plan.lm, plan.flow)
+    if (plan.cfg_steps, plan.first_chunk_steps) != (None, None):
+        log.info("flow: guided steps %s, first-chunk steps %s", plan.cfg_steps, plan.first_chunk_steps)
     settings = Settings(
         data_dir=data_dir,
         api_key=api_key,

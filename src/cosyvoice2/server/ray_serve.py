@@ -53,6 +53,8 @@ class ReplicaOptions:
     compute: str = "exact"  # "exact" | "fast" (cosyvoice2.cpu.plan, on the replica's own CPU)
     int8: bool = False
     flow_steps: int | None = None
+    cfg_steps: int | None = None  # flow sampler levers of cosyvoice2.load (None: official)
+    first_chunk_steps: int | None = None
     data_dir: str | None = None
     voice_db: str | None = None
     voice_files: str | None = None
@@ -125,8 +127,9 @@ class CosyVoice2Replica:
         self.replica_id = replica_id
         t0 = time.perf_counter()
         load_opts: dict = {"lm_quant": "int8", "flow_quant": "int8"} if self.options.int8 else {}
-        if self.options.flow_steps is not None:
-            load_opts["flow_steps"] = self.options.flow_steps
+        for name in ("flow_steps", "cfg_steps", "first_chunk_steps"):
+            if getattr(self.options, name) is not None:
+                load_opts[name] = getattr(self.options, name)
         self.tts = cosyvoice2.load(self.options.model, compute=self.options.compute, **load_opts)
         plan = self.tts.compute_plan
         log.info(
