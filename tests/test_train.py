@@ -139,7 +139,8 @@ def _toml(obj: dict) -> str:
 
     def table(name: str, d: dict) -> None:
         lines.append(f"[{name}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict))
+        # TOML has no null: a None field is left out, so the loader keeps the dataclass default (None)
+        lines.extend(f"{k} = {value(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict))
         for k, v in d.items():
             if isinstance(v, dict):
                 table(f"{name}.{k}", v)
