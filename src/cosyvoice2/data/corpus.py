@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_path
+
 SAMPLE_RATE = 24000
 LANGS = ("en", "zh")
 SPLITS = ("train", "dev", "test", "test_unseen_speaker")
@@ -1203,21 +1205,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 class JsonlAppender:
