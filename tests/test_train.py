@@ -292,6 +292,32 @@ def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
     assert rows[-1]["step"] == ckpt["step"] and all(math.isfinite(r["prior"]) for r in rows)
 
 
+def test_token_mel_table_is_the_mean_of_each_tokens_frames(tmp_path):
+    """probe tokens: each token's two frames are averaged over the train split; unseen tokens get the mean."""
+    from safetensors.torch import load_file, save_file
+
+    from cosyvoice2.train import extract
+    from cosyvoice2.train.common import Dist
+    from cosyvoice2.train.flow import dequantize_mel
+    from cosyvoice2.train.probe import _token_mel_table
+
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    extract.run("mels", corpus, cache, "", Dist(), flush=100)
+    mels = load_file(str(cache / "mels.safetensors"))
+    tokens = {k: torch.arange(m.shape[1] // 2, dtype=torch.int32) % 3 for k, m in mels.items()}
+    save_file(tokens, str(cache / "tokens.safetensors"))
+    table = _token_mel_table(str(corpus), str(cache))
+    assert table.shape == (6561, 2, 80)
+    train = {
+        json.loads(line)["id"]
+        for line in (corpus / "manifest.jsonl").read_text().splitlines()
+        if json.loads(line).get("split", "train") == "train"
+    }
+    frames = torch.cat([dequantize_mel(mels[k]).T.reshape(-1, 2, 80)[tokens[k] == 1] for k in sorted(train)])
+    assert torch.allclose(table[1], frames.mean(0), atol=1e-4)
+    assert torch.allclose(table[5], table[6]) and not torch.allclose(table[5], table[1])
+
+
 def test_batches_are_deterministic_and_sharded():
     from cosyvoice2.train.data import BatchStream
 

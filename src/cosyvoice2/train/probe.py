@@ -3,6 +3,7 @@
     python -m cosyvoice2.train.probe hift --run exp/overfit/hift --utts ID [ID ...]
     python -m cosyvoice2.train.probe flow --run exp/overfit/flow --cache exp/cache --utts ID
     python -m cosyvoice2.train.probe lm   --run exp/overfit/lm   --cache exp/cache --utts ID
+    python -m cosyvoice2.train.probe tokens --cache exp/cache --utts ID   # no network: the tokens' floor
 
 They are the single-utterance overfit checks of ``recipes/README.md`` (a network that cannot reproduce one
 training utterance has a bug, not a budget problem) and work as quick checks of any run. One JSON object
@@ -17,6 +18,10 @@ per utterance goes to stdout:
 * ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout), and free-running
   top-1 decoding from the text: the share of reference tokens reproduced position by position and the
   length ratio.
+* ``tokens``: no network. Each speech token is rendered as the mean of the mel frames it stands for over
+  the corpus's train split, through Griffin-Lim: what the token sequence says with no context at all. A
+  flow (which sees context and the speaker) that reads worse than this table has not yet learnt the
+  tokens' content; one that reads no better than it is bounded by the tokens.
 
 Every row also holds ``ref_error`` (Whisper on the corpus audio itself), the ceiling for the others.
 """
@@ -173,13 +178,59 @@ def greedy(net, text: Tensor, max_len: int) -> list[int]:
     return out
 
 
-PROBES = {"hift": probe_hift, "flow": probe_flow, "lm": probe_lm}
+@functools.cache
+def _token_mel_table(corpus: str, cache: str) -> Tensor:
+    """[V, 2, M] mean log-mel of the two frames of each speech token over the train split (unseen tokens:
+    the mean frame), from the 8-bit mel cache that ``extract mels`` writes."""
+    from .flow import dequantize_mel
+
+    tokens, mels = _features(cache, "tokens"), _features(cache, "mels")
+    frames_per_token = RATES.samples_per_token // RATES.hop_length
+    sums: Tensor | None = None
+    counts = None
+    for u in read_manifest(corpus, ("train",)):
+        if u.id not in tokens or u.id not in mels:
+            continue
+        t, m = tokens[u.id].long(), dequantize_mel(mels[u.id]).double()  # [N], [M, T]
+        n = min(len(t), m.shape[1] // frames_per_token)
+        if sums is None:
+            vocab = 6561
+            sums = torch.zeros(vocab, frames_per_token, m.shape[0], dtype=torch.float64)
+            counts = torch.zeros(vocab, dtype=torch.float64)
+        frames = m[:, : n * frames_per_token].T.reshape(n, frames_per_token, m.shape[0])
+        sums.index_add_(0, t[:n], frames)
+        counts.index_add_(0, t[:n], torch.ones(n, dtype=torch.float64))
+    if sums is None:
+        raise SystemExit(f"tokens probe: no train utterance of {corpus} has both tokens and mels in {cache}")
+    seen = counts > 0
+    table = sums / counts.clamp(min=1)[:, None, None]
+    table[~seen] = sums[seen].sum(0) / counts.sum()
+    return table.float()
+
+
+def probe_tokens(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    table = _token_mel_table(args.corpus, args.cache)
+    tokens = _features(args.cache, "tokens")[utt.id].long()
+    mel = table[tokens].reshape(-1, table.shape[2]).T  # [M, 2N]
+    ref = _mel(wav)
+    n = min(mel.shape[1], ref.shape[1])
+    gl = griffin_lim(mel).numpy()
+    err, hyp = listen(gl, utt)
+    return {
+        "mel_l1": round(float((mel[:, :n] - ref[:, :n]).abs().mean()), 4),
+        "error_griffin_lim": err,
+        "hyp_griffin_lim": hyp,
+        "_audio": gl,
+    }
+
+
+PROBES = {"hift": probe_hift, "flow": probe_flow, "lm": probe_lm, "tokens": probe_tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("network", choices=sorted(PROBES))
-    ap.add_argument("--run", required=True, help="run dir, checkpoint or .safetensors of the network")
+    ap.add_argument("--run", default="", help="run dir, checkpoint or .safetensors of the network")
     ap.add_argument("--utts", nargs="+", required=True, help="corpus utterance ids")
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--cache", default="exp/cache", help="feature cache (tokens, embeddings)")
@@ -188,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
     args = ap.parse_args(argv)
+    if args.network != "tokens" and not args.run:
+        ap.error(f"the {args.network} probe needs --run")
     torch.set_num_threads(args.threads)
     utts = read_manifest(args.corpus, None, ids=args.utts)
     listen = _Listener(args.threads)
