@@ -239,7 +239,10 @@ def test_astream_and_synthesize_cancel_mid_chunk(tts, voice, monkeypatch):
     with gate:
         asyncio.run(main())
         _wait_until(lambda: engine.worker.active_rows == 0)
-        assert not any(t.name == "cosyvoice2-astream" and t.is_alive() for t in threading.enumerate())
+        # the thread frees its LM row, then returns: on a loaded machine it can still be alive for a moment
+        _wait_until(
+            lambda: not any(t.name == "cosyvoice2-astream" and t.is_alive() for t in threading.enumerate())
+        )
         assert batcher.calls == calls0
 
         cancel, got = CancelToken(), {}
