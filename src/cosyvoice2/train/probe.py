@@ -112,8 +112,26 @@ def probe_hift(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     }
 
 
-def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+def _flow_for_probe(args):
+    """The flow of ``--run`` with the sampler settings of ``--cfg-rate`` / ``--flow-steps``; ``--prior``
+    renders the encoder's mean mu itself (no ODE): what the estimator adds is the difference."""
+    import dataclasses
+
     net = network_from_run("flow", args.run)
+    changes = {}
+    if args.cfg_rate is not None:
+        changes["cfg_rate"] = args.cfg_rate
+    if args.flow_steps is not None:
+        changes["n_timesteps"] = args.flow_steps
+    if changes:
+        net.cfg = dataclasses.replace(net.cfg, **changes)
+    if args.prior:
+        net._solve = lambda mu, *a, **k: (net._mel_out(mu), None, None)
+    return net
+
+
+def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    net = _flow_for_probe(args)
     tokens = _features(args.cache, "tokens")[utt.id].long()[None]
     emb = _features(args.cache, "embeddings")[utt.id].float()[None]
     ref = _mel(wav)
@@ -235,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--cache", default="exp/cache", help="feature cache (tokens, embeddings)")
     ap.add_argument("--hift", default="", help="flow probe: also vocode with this HiFT run")
+    ap.add_argument("--cfg-rate", type=float, default=None, help="flow probe: guidance strength")
+    ap.add_argument("--flow-steps", type=int, default=None, help="flow probe: Euler steps")
+    ap.add_argument("--prior", action="store_true", help="flow probe: render the encoder's mu (no ODE)")
     ap.add_argument("--text-tokenizer", default="", help="lm probe: BPE directory (default: the run's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
