@@ -29,6 +29,7 @@ from cosyvoice2.text import (
     number_words,
     prepare_text,
     reorder_tagged,
+    to_units,
     warm_up,
 )
 
@@ -126,6 +127,27 @@ def test_missing_file_names_it(tok_dir: Path, tmp_path: Path, missing: str) -> N
     broken = _tokenizer_copy(tok_dir, tmp_path / "tok", skip=missing)
     with pytest.raises(ModelLoadError, match=missing):
         TextTokenizer.from_dir(broken)
+
+
+def test_text_units(tok_dir: Path, tokenizer: TextTokenizer, tmp_path: Path) -> None:
+    """Official directories have no ``text_units``: the text goes to the BPE as it is. A directory that says
+    "pinyin" reads runs of Han characters as toned syllables; tags and other text are untouched."""
+    assert tokenizer.units == "bpe"
+    assert to_units("白日依山尽", "bpe") == "白日依山尽"
+    text = "银行行长说[laughter]<strong>重要</strong> OK."
+    assert to_units(text, "pinyin") == (
+        " yin2 hang2 hang2 zhang3 shuo1 [laughter]<strong> zhong4 yao4 </strong> OK."
+    )
+    assert to_units("no Chinese here", "pinyin") == "no Chinese here"
+    pinyin = _tokenizer_copy(tok_dir, tmp_path / "py")
+    config = json.loads((pinyin / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (pinyin / "tokenizer_config.json").write_text(json.dumps({**config, "text_units": "pinyin"}))
+    tok = TextTokenizer.from_dir(pinyin)
+    assert tok.encode("河流") == tokenizer.encode(" he2 liu2 ")
+    assert tok.encode("[laughter]") == tokenizer.encode("[laughter]")
+    (pinyin / "tokenizer_config.json").write_text(json.dumps({**config, "text_units": "phones"}))
+    with pytest.raises(ModelLoadError, match="text_units"):
+        TextTokenizer.from_dir(pinyin)
 
 
 def test_corrupt_files_raise(tok_dir: Path, tmp_path: Path) -> None:

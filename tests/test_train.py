@@ -318,6 +318,26 @@ def test_token_mel_table_is_the_mean_of_each_tokens_frames(tmp_path):
     assert torch.allclose(table[5], table[6]) and not torch.allclose(table[5], table[1])
 
 
+def test_pinyin_text_units_bpe(tmp_path):
+    """[lm] text_units = "pinyin": the BPE is trained on toned syllables and says so in its config, so that
+    every reader of the directory (trainer, probe, engine) turns Chinese into the same units."""
+    from cosyvoice2.text import TextTokenizer
+    from cosyvoice2.train.lm import train_bpe
+
+    texts = ["白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。", "Hello world, hello again."] * 3
+    train_bpe(texts, tmp_path / "py", 300, units="pinyin")
+    tok = TextTokenizer.from_dir(tmp_path / "py")
+    assert tok.units == "pinyin"
+    assert json.loads((tmp_path / "py" / "tokenizer_config.json").read_text())["text_units"] == "pinyin"
+    # an unseen character costs no byte pieces: its syllable is spelt from pinyin letters the BPE knows
+    assert "he2" in tok.decode(tok.encode("河")) and "�" not in tok.decode(tok.encode("禾"))
+    assert tok.decode(tok.encode("Hello")) == "Hello"
+    train_bpe(texts, tmp_path / "plain", 300)
+    assert TextTokenizer.from_dir(tmp_path / "plain").units == "bpe"
+    with pytest.raises(ValueError, match="text_units"):
+        train_bpe(texts, tmp_path / "bad", 300, units="phones")
+
+
 def test_batches_are_deterministic_and_sharded():
     from cosyvoice2.train.data import BatchStream
 
@@ -394,6 +414,16 @@ def test_native_roundtrip_synthesises(tmp_path):
     assert {k for k in before if before[k] != after[k]} == {Path("flow.safetensors"), Path("cosyvoice2.json")}
     tts = cosyvoice2.load(out, text_backend="none")
     assert tts.models.flow.cfg.prediction == "data" and tts.speakers() == ["spk1"]
+    # --base with an LM run that trained its own BPE (pinyin units): the BPE comes along
+    run = tmp_path / "lm_run"
+    train_bpe(TEXTS * 3 + ["白日依山尽"] * 3, run / "text_tokenizer", 300, units="pinyin")
+    save_network(run / "lm.safetensors", nets["lm"], kind="lm")
+    export_main(["--base", str(out), "--lm", str(run / "lm.safetensors"), "--out", str(tmp_path / "m2")])
+    assert TextTokenizer.from_dir(tmp_path / "m2" / "tokenizer").units == "bpe"  # a file: base's BPE kept
+    export_main(["--base", str(out), "--lm", str(run / "lm.safetensors"), "--text-tokenizer",
+                 str(run / "text_tokenizer"), "--out", str(tmp_path / "m2")])  # fmt: skip
+    tts = cosyvoice2.load(tmp_path / "m2", text_backend="none")
+    assert tts.models.frontend.tokenizer.units == "pinyin"
     # saving again replaces the directory atomically
     save_native_dir(out, **nets, text_tokenizer_dir=tok_dir, speakers={})
     assert cosyvoice2.load(out, text_backend="none").speakers() == []
@@ -537,6 +567,9 @@ def test_warm_start_copies_matching_tensors(tmp_path):
     assert warm_start(tmp_path, model=new) == (2, 4)  # a run folder: its latest checkpoint
     assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[1].weight, head)
     assert warm_start(tmp_path, model=new, disc=torch.nn.Linear(2, 2)) == (2, 6)  # no "disc" saved
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert warm_start(tmp_path, ("0.",), model=fresh) == (2, 4)  # init_exclude: "0.*" keeps its init
+    assert not torch.equal(fresh[0].weight, old[0].weight) and torch.equal(fresh[1].weight, old[1].weight)
     with pytest.raises(FileNotFoundError):
         warm_start(tmp_path / "missing", model=new)
 

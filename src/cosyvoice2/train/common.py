@@ -93,6 +93,9 @@ class TrainConfig:
     # Warm start: a checkpoint file or run folder whose weights (those with the same name and shape) start
     # a new run; optimizer, step and data order start fresh. Ignored once out_dir has a checkpoint.
     init_from: str = ""
+    # Tensors of init_from whose names contain one of these keep their fresh initialisation: e.g. the
+    # LM's "embed_tokens" when the text units (and so the meaning of every text id) changed.
+    init_exclude: tuple[str, ...] = ()
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -300,11 +303,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
-def warm_start(source: str | Path, **modules: nn.Module) -> tuple[int, int]:
+def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Module) -> tuple[int, int]:
     """Copy into each of ``modules`` the weights that ``source`` (a checkpoint, or a run folder's latest)
     holds under the same keyword ("model", "disc", ...) with matching names and shapes; the rest keep
     their initialisation. An exported ``.safetensors`` network counts as the "model" entry, so a fresh
-    machine can continue from what git holds. Returns (tensors copied, tensors in the modules)."""
+    machine can continue from what git holds. Names containing a string of ``exclude`` are not copied.
+    Returns (tensors copied, tensors in the modules)."""
     path = Path(source)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -325,7 +329,11 @@ def warm_start(source: str | Path, **modules: nn.Module) -> tuple[int, int]:
     for key, module in modules.items():
         mine, theirs = module.state_dict(), dict(ckpt.get(key, {}))
         theirs.update({f"net.{k}": v for k, v in theirs.items() if f"net.{k}" in mine and k not in mine})
-        take = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+        take = {
+            k: v
+            for k, v in theirs.items()
+            if k in mine and mine[k].shape == v.shape and not any(x in k for x in exclude)
+        }
         module.load_state_dict(take, strict=False)
         copied, total = copied + len(take), total + len(mine)
     return copied, total
@@ -450,7 +458,7 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
         if d.is_main:
             print(f"[{task.name}] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:
-        n, total = warm_start(cfg.init_from, model=model)
+        n, total = warm_start(cfg.init_from, cfg.init_exclude, model=model)
         if d.is_main:
             print(f"[{task.name}] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
     # No buffer broadcast: nothing here has running statistics, and the flow's fixed noise table is large.

@@ -177,6 +177,7 @@ def update_native(args: argparse.Namespace) -> None:
 
     from ..default_model import (
         NATIVE_CONFIG,
+        TOKENIZER_DIR,
         check_compatible,
         config_to_dict,
         read_native_config,
@@ -191,9 +192,25 @@ def update_native(args: argparse.Namespace) -> None:
     if "hift" in nets and any(nn.utils.parametrize.is_parametrized(m) for m in nets["hift"].modules()):
         nets["hift"] = remove_weight_norm(copy.deepcopy(nets["hift"]))
     check_compatible({**cfgs, **{k: m.cfg for k, m in nets.items()}})
+    # A new LM brings its own BPE when its run trained one (e.g. other text units): the ids it learnt mean
+    # nothing under the base's. An LM trained on the base's BPE (``[lm] text_tokenizer``) keeps it.
+    tok_dir = Path(args.text_tokenizer) if args.text_tokenizer else None
+    if tok_dir is None and "lm" in replaced and (Path(replaced["lm"]) / "text_tokenizer").is_dir():
+        tok_dir = Path(replaced["lm"]) / "text_tokenizer"
+    if tok_dir is not None:
+        from ..text import TextTokenizer
+
+        n_text = len(TextTokenizer.from_dir(tok_dir))
+        lm_vocab = nets["lm"].cfg.vocab_size if "lm" in nets else cfgs["lm"].vocab_size
+        if n_text > lm_vocab:
+            raise SystemExit(f"text tokenizer {tok_dir} has {n_text} ids but the LM embeds only {lm_vocab}")
     out = Path(args.out)
     with replacing_dir(out) as tmp:
         shutil.copytree(args.base, tmp, dirs_exist_ok=True)
+        if tok_dir is not None:
+            shutil.rmtree(tmp / TOKENIZER_DIR, ignore_errors=True)
+            shutil.copytree(tok_dir, tmp / TOKENIZER_DIR)
+            raw.setdefault("info", {})["text_tokenizer"] = str(tok_dir)
         for kind, net in nets.items():
             save_network(tmp / f"{kind}.safetensors", net, kind=kind)
             raw[kind] = config_to_dict(net.cfg)

@@ -389,7 +389,7 @@ def train(
         if d.is_main:
             print(f"[hift] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:  # warm start: both networks' weights, fresh optimizers and schedule
-        n, total = warm_start(cfg.init_from, model=gen, disc=disc)
+        n, total = warm_start(cfg.init_from, cfg.init_exclude, model=gen, disc=disc)
         if d.is_main:
             print(f"[hift] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
     gen_ddp = DDP(gen, broadcast_buffers=False) if d.distributed else gen

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..default_model import config_from_dict
 from ..lm import CosyVoice2LM, LMConfig
-from ..text import QWEN2_SPLIT_PATTERN, TextTokenizer
+from ..text import QWEN2_SPLIT_PATTERN, TEXT_UNITS, TextTokenizer, to_units
 from .common import Dist, Task, TrainConfig, barrier, checkpoint_config, latest_checkpoint, run_recipe
 from .data import FeatureCache, Utt, UttDataset, pad_1d, read_manifest
 
@@ -48,6 +48,7 @@ class LmTrainConfig:
     bpe_vocab_size: int = 4000
     bistream_prob: float = 0.5
     text_tokenizer: str = ""  # an existing BPE directory; default <out_dir>/text_tokenizer
+    text_units: str = "bpe"  # a new BPE's input: "bpe" (the text) or "pinyin" (text.TEXT_UNITS)
     init_std: float = 0.02
 
 
@@ -57,9 +58,16 @@ class LmTrainConfig:
 
 
 def train_bpe(
-    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int, min_frequency: int = 2
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    min_frequency: int = 2,
+    units: str = "bpe",
 ) -> Path:
-    """Train a byte-level BPE on ``texts``; write the ``TextTokenizer`` files to ``out_dir`` atomically."""
+    """Train a byte-level BPE on ``texts`` (as ``units`` turns them, recorded in tokenizer_config.json);
+    write the ``TextTokenizer`` files to ``out_dir`` atomically."""
+    if units not in TEXT_UNITS:
+        raise ValueError(f"[lm] text_units {units!r} is not one of {TEXT_UNITS}")
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -78,7 +86,7 @@ def train_bpe(
         special_tokens=[],
         show_progress=False,
     )
-    tk.train_from_iterator(texts, trainer)
+    tk.train_from_iterator((to_units(t, units) for t in texts), trainer)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -89,6 +97,8 @@ def train_bpe(
             "added_tokens_decoder": {},
             "bpe_vocab_size": vocab_size,
         }
+        if units != "bpe":
+            config["text_units"] = units
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         TextTokenizer.from_dir(tmp)  # the files must load before they replace anything
         if out.exists():
@@ -106,7 +116,7 @@ def text_tokenizer_for(out_dir: Path, lm_cfg: LmTrainConfig, utts: list[Utt], d:
     if d.is_main and not (path / "vocab.json").is_file():
         if lm_cfg.text_tokenizer:
             raise FileNotFoundError(f"text tokenizer {path} does not exist")
-        train_bpe((u.text for u in utts), path, lm_cfg.bpe_vocab_size)
+        train_bpe((u.text for u in utts), path, lm_cfg.bpe_vocab_size, units=lm_cfg.text_units)
     barrier(d)
     return TextTokenizer.from_dir(path)
 
