@@ -11,8 +11,9 @@
 #   recipes/session.sh evalcorpus         data/corpus: the held-out rows of plan index < 854, the set every
 #                                         gate figure in MODEL_CARD.md was measured on (a few minutes)
 #   recipes/session.sh pack               add the extracted tokens of data/corpus_big to recipes/lm_data
-#
-# Training runs are plain trainer commands (MODEL_CARD.md gives each build's); start them with nohup.
+#   recipes/session.sh train MIN [SNAP]   in the background, 1 thread each, for MIN minutes of training:
+#                                         the LM from the shipped LM on recipes/lm_data, and the flow from
+#                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
 #   * with the kernel's autogroup scheduling on, `nice` does nothing between processes started from
@@ -81,8 +82,28 @@ for line in sys.stdin:
     $python -m cosyvoice2.train.lmdata pack --corpus data/lmpack --cache exp/cache_big --out recipes/lm_data \
       --tokenizer $M/speech_tokenizer.safetensors
     ;;
+  train)
+    minutes=${1:?train MINUTES [SNAPSHOT]}
+    snap=${2:-cb}
+    run=exp/s$(date +%m%d)
+    mkdir -p logs "$run"
+    # The shipped BPE (its tokenizer_config says which text units it reads) and the shipped weights.
+    nohup $python -m cosyvoice2.train.lm --config recipes/conf_cpu/lm.toml \
+      --set "train.out_dir=\"$run/lm\"" --set 'train.corpus="recipes/lm_data"' --set 'train.cache="recipes/lm_data"' \
+      --set 'train.device="cpu"' --set "train.init_from=\"$M/lm.safetensors\"" \
+      --set "lm.text_tokenizer=\"$M/tokenizer\"" --set train.lr=1e-3 --set train.warmup_steps=100 \
+      --set train.eval_every=200 --set "train.max_minutes=$minutes" --set train.max_steps=1000000 \
+      >> logs/lm_$(date +%m%d).log 2>&1 &
+    echo "LM started (pid $!): $run/lm, log logs/lm_$(date +%m%d).log"
+    nohup $python -m cosyvoice2.train.flow --config recipes/conf_cpu/flow.toml \
+      --set "train.out_dir=\"$run/flow\"" --set "train.corpus=\"data/$snap\"" --set 'train.cache="exp/cache_big"' \
+      --set 'train.device="cpu"' --set "train.init_from=\"$M/flow.safetensors\"" --set train.lr=1e-3 \
+      --set train.warmup_steps=100 --set train.eval_every=400 --set "train.max_minutes=$minutes" \
+      --set train.max_steps=1000000 >> logs/flow_$(date +%m%d).log 2>&1 &
+    echo "flow started (pid $!): $run/flow, log logs/flow_$(date +%m%d).log"
+    ;;
   *)
-    sed -n '2,22p' "$0"
+    sed -n '2,24p' "$0"
     exit 2
     ;;
 esac
