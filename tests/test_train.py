@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,51 @@ def test_pinyin_text_units_bpe(tmp_path):
     assert TextTokenizer.from_dir(tmp_path / "plain").units == "bpe"
     with pytest.raises(ValueError, match="text_units"):
         train_bpe(texts, tmp_path / "bad", 300, units="phones")
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    """``kill`` (SIGTERM) ends a run after the current step with a checkpoint of that step and exit code 0,
+    as the time budget does: stopping a background run at a session's end loses no steps."""
+    import signal
+
+    from safetensors.torch import load_file, save_file
+
+    from cosyvoice2.train import extract
+    from cosyvoice2.train.common import Dist, latest_checkpoint, load_checkpoint, read_jsonl
+
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    extract.run("mels", corpus, cache, "", Dist(), flush=2)
+    mels = load_file(str(cache / "mels.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            k: torch.randint(0, 60, (m.shape[1] // 2,), generator=g, dtype=torch.int32)
+            for k, m in mels.items()
+        },
+        str(cache / "tokens.safetensors"),
+    )
+    save_file({k: torch.randn(EMB, generator=g) for k in mels}, str(cache / "embeddings.safetensors"))
+    model = config_to_dict(tiny_configs(0)["flow"])
+    train = {"out_dir": str(tmp_path / "run"), "corpus": str(corpus), "cache": str(cache)}
+    train.update(max_steps=100_000, warmup_steps=0, batch_seconds=100.0, log_every=1, save_every=100_000)
+    train.update(num_workers=0, threads=1)
+    recipe = tmp_path / "flow.toml"
+    recipe.write_text(_toml({"train": train, "model": model, "flow": {"mel_cache": True}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cosyvoice2.train.flow", "--config", str(recipe)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and read_jsonl(log)):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no training step within 120 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saving and stopping" in err
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert ckpt["step"] >= 1 and ckpt["step"] == read_jsonl(log)[-1]["step"]
 
 
 def test_batches_are_deterministic_and_sharded():

@@ -120,23 +120,60 @@ class Budget:
     the run) goes into checkpoints as ``"train_seconds"``.
     """
 
-    def __init__(self, cfg: TrainConfig, step: int = 0, seconds: float = 0.0) -> None:
+    def __init__(self, cfg: TrainConfig, step: int = 0, seconds: float = 0.0, world: int = 1) -> None:
         self.max_steps, self.limit = cfg.max_steps, cfg.max_minutes * 60.0
         self.before, self.start = seconds, time.perf_counter()
         self.time_frac = min(1.0, seconds / self.limit) if self.limit else 0.0
+        self.world = world
+        self.stop_requested = False  # SIGTERM / SIGINT on this rank (``stop_on_signals``)
+        self.stopped = False  # a stop every rank has agreed on
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.start
 
     def sync(self, d: Dist) -> None:
+        if self.world == 1:
+            if self.limit:
+                self.time_frac = self.seconds() / self.limit
+            return
+        m = all_mean({"t": self.seconds(), "stop": float(self.stop_requested)}, d)
         if self.limit:
-            self.time_frac = all_mean({"t": self.seconds()}, d)["t"] / self.limit
+            self.time_frac = m["t"] / self.limit
+        self.stopped = self.stopped or m["stop"] > 0
 
     def progress(self, step: int) -> float:
         return max(step / max(1, self.max_steps), self.time_frac)
 
     def done(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
+        if self.world == 1:  # no other rank to agree with: stop at the step the signal came in
+            self.stopped = self.stopped or self.stop_requested
+        return self.stopped or self.progress(step) >= 1.0
+
+
+@contextlib.contextmanager
+def stop_on_signals(budget: Budget, name: str) -> Iterator[None]:
+    """SIGTERM or Ctrl-C end the run after the current step with a checkpoint, as the time budget does
+    (``kill`` or the end of a session then loses nothing); a second one stops at once. Ranks agree on the
+    stop at the next log step. Handlers are installed from the main thread only and restored after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        if budget.stop_requested:
+            raise KeyboardInterrupt
+        budget.stop_requested = True
+        print(f"[{name}] {signal.Signals(signum).name}: saving and stopping after this step", file=sys.stderr)
+
+    old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,61 +513,62 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
     sums: dict[str, float] = {}
     n_sum = 0
     t0 = time.perf_counter()
-    budget = Budget(cfg, step, train_seconds)
+    budget = Budget(cfg, step, train_seconds, d.world)
     model.train()
-    while not budget.done(step):
-        lr = lr_at(step, cfg, budget.progress(step))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.accum):
-            batch = to_device(next(batches), d.device)
-            sync = micro == cfg.accum - 1 or not d.distributed
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                with autocast(cfg, d.device):
-                    out = ddp(batch)
-                (out["loss"] / cfg.accum).backward()
-            for k, v in _scalars(out).items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        # Gradients are all-reduced, so every rank sees the same norm and skips the same bad steps.
-        if math.isfinite(grad_norm):
-            opt.step()
-        else:
-            sums["skipped"] = sums.get("skipped", 0.0) + 1
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        n_sum += 1
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
-        if step % cfg.log_every == 0:
-            budget.sync(d)
-        if step % cfg.log_every == 0 or budget.done(step):
-            elapsed = time.perf_counter() - t0
-            last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
-            last.update(step=step, lr=lr, sec_per_step=elapsed / n_sum, epoch=stream.epoch)
-            log.write(**last)
+    with stop_on_signals(budget, task.name):
+        while not budget.done(step):
+            lr = lr_at(step, cfg, budget.progress(step))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.accum):
+                batch = to_device(next(batches), d.device)
+                sync = micro == cfg.accum - 1 or not d.distributed
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    with autocast(cfg, d.device):
+                        out = ddp(batch)
+                    (out["loss"] / cfg.accum).backward()
+                for k, v in _scalars(out).items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            # Gradients are all-reduced, so every rank sees the same norm and skips the same bad steps.
+            if math.isfinite(grad_norm):
+                opt.step()
+            else:
+                sums["skipped"] = sums.get("skipped", 0.0) + 1
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            n_sum += 1
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
+            if step % cfg.log_every == 0:
+                budget.sync(d)
+            if step % cfg.log_every == 0 or budget.done(step):
+                elapsed = time.perf_counter() - t0
+                last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
+                last.update(step=step, lr=lr, sec_per_step=elapsed / n_sum, epoch=stream.epoch)
+                log.write(**last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                sums, n_sum, t0 = {}, 0, time.perf_counter()
+            if cfg.eval_every and task.dev_dataset is not None and step % cfg.eval_every == 0:
+                dev = evaluate(ddp, task, cfg, d)
+                log.write(step=step, **{f"dev_{k}": v for k, v in dev.items()})
+                model.train()
+            if step % cfg.save_every == 0 or budget.done(step):
+                rngs = gather_objects(rng_state(), d)
+                if d.is_main:
+                    payload = {
+                        "step": step,
+                        "train_seconds": budget.seconds(),
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "config": task.config,
+                        "data": stream.state(),
+                        "rng": rngs,
+                    }
+                    save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
+                barrier(d)
             if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-            sums, n_sum, t0 = {}, 0, time.perf_counter()
-        if cfg.eval_every and task.dev_dataset is not None and step % cfg.eval_every == 0:
-            dev = evaluate(ddp, task, cfg, d)
-            log.write(step=step, **{f"dev_{k}": v for k, v in dev.items()})
-            model.train()
-        if step % cfg.save_every == 0 or budget.done(step):
-            rngs = gather_objects(rng_state(), d)
-            if d.is_main:
-                payload = {
-                    "step": step,
-                    "train_seconds": budget.seconds(),
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "config": task.config,
-                    "data": stream.state(),
-                    "rng": rngs,
-                }
-                save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
-            barrier(d)
-        if bar is not None:
-            bar.update(1)
+                bar.update(1)
     if bar is not None:
         bar.close()
     return last

@@ -67,6 +67,7 @@ from .common import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    stop_on_signals,
     to_device,
     train_config,
     warm_start,
@@ -410,76 +411,83 @@ def train(
     last: dict[str, float] = {}
     sums: dict[str, float] = {}
     n_sum, t0 = 0, time.perf_counter()
-    budget = Budget(cfg, step, train_seconds)
+    budget = Budget(cfg, step, train_seconds, d.world)
     gen.train(), disc.train()
-    while not budget.done(step):
-        lr = lr_at(step, cfg, budget.progress(step))
-        for group in opt_g.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        for group in opt_d.param_groups:
-            group["lr"] = lr * (tc.lr_d or cfg.lr) / cfg.lr
-        batch = to_device(next(batches), d.device)
-        real = batch["audio"][:, None]  # [B, 1, L]
-        n = real.shape[0]
-        fake, f0 = gen_ddp(batch["mel"], batch["f0"] if tc.source_f0 == "reference" else None)
-        fake = fake[:, None]
-        metrics: dict[str, float] = {}
-        adversarial = step >= tc.adversarial_from
-        if adversarial:
-            d_loss = discriminator_loss(disc_ddp(torch.cat([real, fake.detach()])), n)
-            d_loss.backward()
-            metrics["d_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip))
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            metrics["d_loss"] = d_loss.item()
-        mel_loss = F.l1_loss(log_mel(fake[:, 0]), log_mel(real[:, 0]))
-        f0_loss = F.l1_loss(f0, batch["f0"])
-        g_loss = tc.mel_weight * mel_loss + tc.f0_weight * f0_loss
-        if tc.stft_weight:
-            spec_loss = stft_loss(fake[:, 0], real[:, 0], tc.stft_resolutions)
-            g_loss = g_loss + tc.stft_weight * spec_loss
-            metrics["stft"] = spec_loss.item()
-        if adversarial:
-            adv, fm = generator_losses(disc_ddp(torch.cat([real, fake])), n)
-            g_loss = g_loss + adv + tc.fm_weight * fm
-            metrics.update(adv=adv.item(), fm=fm.item())
-        g_loss.backward()
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip))
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)  # the generator step's gradients on the discriminator are dropped
-        metrics.update(loss=g_loss.item(), mel=mel_loss.item(), f0=f0_loss.item())
-        step += 1
-        n_sum += 1
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
-        if step % cfg.log_every == 0:
-            budget.sync(d)
-        if step % cfg.log_every == 0 or budget.done(step):
-            last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
-            last.update(step=step, lr=lr, sec_per_step=(time.perf_counter() - t0) / n_sum, epoch=stream.epoch)
-            log.write(**last)
+    with stop_on_signals(budget, "hift"):
+        while not budget.done(step):
+            lr = lr_at(step, cfg, budget.progress(step))
+            for group in opt_g.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            for group in opt_d.param_groups:
+                group["lr"] = lr * (tc.lr_d or cfg.lr) / cfg.lr
+            batch = to_device(next(batches), d.device)
+            real = batch["audio"][:, None]  # [B, 1, L]
+            n = real.shape[0]
+            fake, f0 = gen_ddp(batch["mel"], batch["f0"] if tc.source_f0 == "reference" else None)
+            fake = fake[:, None]
+            metrics: dict[str, float] = {}
+            adversarial = step >= tc.adversarial_from
+            if adversarial:
+                d_loss = discriminator_loss(disc_ddp(torch.cat([real, fake.detach()])), n)
+                d_loss.backward()
+                metrics["d_grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+                )
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+                metrics["d_loss"] = d_loss.item()
+            mel_loss = F.l1_loss(log_mel(fake[:, 0]), log_mel(real[:, 0]))
+            f0_loss = F.l1_loss(f0, batch["f0"])
+            g_loss = tc.mel_weight * mel_loss + tc.f0_weight * f0_loss
+            if tc.stft_weight:
+                spec_loss = stft_loss(fake[:, 0], real[:, 0], tc.stft_resolutions)
+                g_loss = g_loss + tc.stft_weight * spec_loss
+                metrics["stft"] = spec_loss.item()
+            if adversarial:
+                adv, fm = generator_losses(disc_ddp(torch.cat([real, fake])), n)
+                g_loss = g_loss + adv + tc.fm_weight * fm
+                metrics.update(adv=adv.item(), fm=fm.item())
+            g_loss.backward()
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip))
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(
+                set_to_none=True
+            )  # the generator step's gradients on the discriminator are dropped
+            metrics.update(loss=g_loss.item(), mel=mel_loss.item(), f0=f0_loss.item())
+            step += 1
+            n_sum += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if step % cfg.log_every == 0:
+                budget.sync(d)
+            if step % cfg.log_every == 0 or budget.done(step):
+                last = all_mean({k: v / n_sum for k, v in sums.items()}, d)
+                last.update(
+                    step=step, lr=lr, sec_per_step=(time.perf_counter() - t0) / n_sum, epoch=stream.epoch
+                )
+                log.write(**last)
+                if bar is not None:
+                    bar.set_postfix(mel=f"{last['mel']:.3f}", lr=f"{lr:.2e}")
+                sums, n_sum, t0 = {}, 0, time.perf_counter()
+            if step % cfg.save_every == 0 or budget.done(step):
+                rngs = gather_objects(rng_state(), d)
+                if d.is_main:
+                    payload = {
+                        "step": step,
+                        "train_seconds": budget.seconds(),
+                        "model": gen.state_dict(),
+                        "disc": disc.state_dict(),
+                        "optimizer": opt_g.state_dict(),
+                        "optimizer_d": opt_d.state_dict(),
+                        "config": config,
+                        "data": stream.state(),
+                        "rng": rngs,
+                    }
+                    save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
+                barrier(d)
             if bar is not None:
-                bar.set_postfix(mel=f"{last['mel']:.3f}", lr=f"{lr:.2e}")
-            sums, n_sum, t0 = {}, 0, time.perf_counter()
-        if step % cfg.save_every == 0 or budget.done(step):
-            rngs = gather_objects(rng_state(), d)
-            if d.is_main:
-                payload = {
-                    "step": step,
-                    "train_seconds": budget.seconds(),
-                    "model": gen.state_dict(),
-                    "disc": disc.state_dict(),
-                    "optimizer": opt_g.state_dict(),
-                    "optimizer_d": opt_d.state_dict(),
-                    "config": config,
-                    "data": stream.state(),
-                    "rng": rngs,
-                }
-                save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
-            barrier(d)
-        if bar is not None:
-            bar.update(1)
+                bar.update(1)
     if bar is not None:
         bar.close()
     return last
