@@ -620,6 +620,29 @@ def test_warm_start_copies_matching_tensors(tmp_path):
         warm_start(tmp_path / "missing", model=new)
 
 
+def test_grown_encoder_starts_as_the_original(tmp_path):
+    """A deeper flow encoder warm-started from a shallower one, with the added blocks' output layers zeroed
+    (``train.init_zero``), gives the original flow's mel exactly: the new blocks start as the identity."""
+    from cosyvoice2.train.common import warm_start, zero_matching
+
+    small = tiny_configs(0)["flow"]
+    deep = dataclasses.replace(small, encoder=dataclasses.replace(small.encoder, n_blocks=3, n_up_blocks=2))
+    torch.manual_seed(0)
+    old, new = Flow(small).eval(), Flow(deep).eval()
+    torch.save({"model": old.state_dict()}, tmp_path / "old.pt")
+    n, total = warm_start(tmp_path / "old.pt", model=new)
+    assert n == len(old.state_dict()) < total
+    grown = [r"encoder\.blocks\.[12]\.(attn\.out|ff\.fc2)\.", r"encoder\.up_blocks\.1\.(attn\.out|ff\.fc2)\."]
+    assert zero_matching(new, grown) == 12  # weight and bias of 2 layers in each of 3 blocks
+    tokens, emb = torch.randint(0, 60, (1, 20)), torch.randn(1, EMB)
+    empty_tok, empty_mel = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80)
+    a = old.inference(tokens, empty_tok, empty_mel, emb, streaming=False, finalize=True)
+    b = new.inference(tokens, empty_tok, empty_mel, emb, streaming=False, finalize=True)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="no parameter"):
+        zero_matching(new, [r"nothing\.like\.this"])
+
+
 def test_warm_start_from_an_exported_network(tmp_path):
     """A fresh machine continues from what git holds: the exported fp16 safetensors of a network, whose
     names lack the trainer's ``net.`` prefix."""

@@ -96,6 +96,11 @@ class TrainConfig:
     # Tensors of init_from whose names contain one of these keep their fresh initialisation: e.g. the
     # LM's "embed_tokens" when the text units (and so the meaning of every text id) changed.
     init_exclude: tuple[str, ...] = ()
+    # Regular expressions: parameters whose names match start at zero after the warm start. Zeroing the
+    # output layers of the residual blocks that a deeper network adds, e.g.
+    # r"encoder\.blocks\.[3-5]\.(attn\.out|ff\.fc2)\.", makes those blocks the identity: the grown network
+    # starts as the one it came from.
+    init_zero: tuple[str, ...] = ()
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -376,6 +381,22 @@ def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Mo
     return copied, total
 
 
+def zero_matching(model: nn.Module, patterns: Sequence[str]) -> int:
+    """Zero every parameter whose name matches one of the regular expressions (``re.search``)."""
+    import re
+
+    regexes = [re.compile(p) for p in patterns]
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(r.search(name) for r in regexes):
+                p.zero_()
+                n += 1
+    if patterns and not n:
+        raise ValueError(f"init_zero: no parameter matches {list(patterns)}")
+    return n
+
+
 def save_checkpoint(out_dir: Path, payload: dict[str, Any], keep: int) -> Path:
     """Write ``step_XXXXXXX.pt``, point ``latest`` at it, delete all but the newest ``keep``."""
     ckpt_dir = out_dir / CKPT_DIR
@@ -496,8 +517,13 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
             print(f"[{task.name}] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:
         n, total = warm_start(cfg.init_from, cfg.init_exclude, model=model)
+        zeroed = zero_matching(model, cfg.init_zero)
         if d.is_main:
             print(f"[{task.name}] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
+            if cfg.init_zero:
+                print(
+                    f"[{task.name}] zeroed {zeroed} tensors matching {list(cfg.init_zero)}", file=sys.stderr
+                )
     # No buffer broadcast: nothing here has running statistics, and the flow's fixed noise table is large.
     ddp = (
         DDP(model, find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
