@@ -282,7 +282,7 @@ def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
         "max_steps": 10_000,
     }
     train.update(max_minutes=1e-4, warmup_steps=0, batch_seconds=100.0, log_every=1, save_every=10_000)
-    train.update(num_workers=0, threads=1)
+    train.update(num_workers=0, threads=1, eval_every=1)
     recipe.write_text(
         _toml({"train": train, "model": model, "flow": {"mel_cache": True, "prior_weight": 1.0}})
     )
@@ -290,7 +290,15 @@ def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert 1 <= ckpt["step"] < 10 and ckpt["train_seconds"] > 0
     rows = read_jsonl(tmp_path / "run" / "log.jsonl")
-    assert rows[-1]["step"] == ckpt["step"] and all(math.isfinite(r["prior"]) for r in rows)
+    steps = [r for r in rows if "loss" in r]
+    assert steps[-1]["step"] == ckpt["step"] and all(math.isfinite(r["prior"]) for r in steps)
+    # keep_best: ckpt/best.pt holds the step of the lowest dev loss, and export reads it
+    dev = [r for r in rows if "dev_loss" in r]
+    best = load_checkpoint(tmp_path / "run" / "ckpt" / "best.pt")
+    assert dev and best["step"] == min(dev, key=lambda r: r["dev_loss"])["step"]
+    from cosyvoice2.train.export import network_from_run
+
+    assert network_from_run("flow", tmp_path / "run" / "ckpt" / "best.pt").cfg.prediction == "residual"
 
 
 def test_token_mel_table_is_the_mean_of_each_tokens_frames(tmp_path):

@@ -46,6 +46,7 @@ from .data import BatchStream
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"
+BEST = "best.pt"  # the lowest dev loss of a run (TrainConfig.keep_best)
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -88,6 +89,10 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 1000
     keep_checkpoints: int = 3
+    # With eval_every: the weights of the step with the lowest dev loss so far go to ckpt/best.pt (step,
+    # model, config: what export reads). A run that starts to overfit keeps its best point, which the
+    # newest ``keep_checkpoints`` checkpoints may no longer hold.
+    keep_best: bool = True
     find_unused_parameters: bool = False
     threads: int = 0  # torch CPU threads per process (0: leave torch's default)
     # Warm start: a checkpoint file or run folder whose weights (those with the same name and shape) start
@@ -540,6 +545,8 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
     n_sum = 0
     t0 = time.perf_counter()
     budget = Budget(cfg, step, train_seconds, d.world)
+    best_path = out_dir / CKPT_DIR / BEST
+    best_dev = float(load_checkpoint(best_path)["dev"]["loss"]) if best_path.is_file() else math.inf
     model.train()
     with stop_on_signals(budget, task.name):
         while not budget.done(step):
@@ -579,6 +586,10 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
                 dev = evaluate(ddp, task, cfg, d)
                 log.write(step=step, **{f"dev_{k}": v for k, v in dev.items()})
                 model.train()
+                if cfg.keep_best and d.is_main and dev.get("loss", math.inf) < best_dev:
+                    best_dev = dev["loss"]
+                    payload = {"step": step, "dev": dev, "model": model.state_dict(), "config": task.config}
+                    atomic_torch_save(payload, out_dir / CKPT_DIR / BEST)
             if step % cfg.save_every == 0 or budget.done(step):
                 rngs = gather_objects(rng_state(), d)
                 if d.is_main:
