@@ -670,6 +670,30 @@ def test_warm_start_from_an_exported_network(tmp_path):
     torch.testing.assert_close(w, exported.estimator.final_proj.weight.half().float(), atol=0, rtol=0)
 
 
+def test_warm_start_hift_from_its_export_restores_weight_norm(tmp_path):
+    """The export folds HiFT's weight norm into plain weights; the trainer's generator keeps (g, v). A warm
+    start must set every weight-normed layer (it once kept their random init: 164 of 418 tensors) and give
+    back the exported network's audio."""
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.hift import HiFT
+    from cosyvoice2.train.common import warm_start
+    from cosyvoice2.train.hift import HiftGenerator
+
+    cfg = tiny_configs(0)["hift"]
+    torch.manual_seed(0)
+    exported = HiFT(cfg).eval()
+    save_network(tmp_path / "hift.safetensors", exported, kind="hift", dtype=torch.float32)
+    torch.manual_seed(1)
+    gen = HiftGenerator(cfg).eval()
+    n = len(gen.state_dict())
+    assert warm_start(tmp_path / "hift.safetensors", model=gen) == (n, n)
+    mel = torch.randn(1, 80, 20)
+    with torch.no_grad():
+        want = exported.inference(mel, generator=torch.Generator().manual_seed(0))
+        got = gen.net.inference(mel, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     from cosyvoice2 import default_model
     from cosyvoice2.errors import ModelLoadError

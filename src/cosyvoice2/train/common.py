@@ -376,6 +376,7 @@ def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Mo
     for key, module in modules.items():
         mine, theirs = module.state_dict(), dict(ckpt.get(key, {}))
         theirs.update({f"net.{k}": v for k, v in theirs.items() if f"net.{k}" in mine and k not in mine})
+        theirs.update(_weight_norm_pairs(theirs, mine))
         take = {
             k: v
             for k, v in theirs.items()
@@ -384,6 +385,24 @@ def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Mo
         module.load_state_dict(take, strict=False)
         copied, total = copied + len(take), total + len(mine)
     return copied, total
+
+
+def _weight_norm_pairs(theirs: dict[str, Tensor], mine: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An export folds weight norm into plain ``X.weight`` (inference needs no parametrisation), while a
+    trainer's network keeps it as ``X.parametrizations.weight.original0`` (g, the norm over all dims but
+    0) and ``original1`` (v, the direction). g = ||w||, v = w gives back w exactly. Without this a warm
+    start of HiFT from its ``.safetensors`` silently kept the random init of every weight-normed layer."""
+    out = {}
+    for k, w in theirs.items():
+        if not k.endswith(".weight"):
+            continue
+        for prefix in ("", "net."):  # as above: trainers may wrap the network as ``net``
+            base = prefix + k[: -len("weight")] + "parametrizations.weight."
+            g, v = base + "original0", base + "original1"
+            if g in mine and v in mine and mine[v].shape == w.shape:
+                out[v] = w
+                out[g] = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).reshape(mine[g].shape)
+    return out
 
 
 def zero_matching(model: nn.Module, patterns: Sequence[str]) -> int:
