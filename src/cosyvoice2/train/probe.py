@@ -143,9 +143,11 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         )
     n = min(mel.shape[2], ref.shape[1])
     row = {"mel_l1": round(float((mel[0, :, :n] - ref[:, :n]).abs().mean()), 4)}
-    gl = griffin_lim(mel[0]).numpy()
-    row["error_griffin_lim"], row["hyp_griffin_lim"] = listen(gl, utt)
-    row["error_griffin_lim_ref"] = listen(griffin_lim(ref).numpy(), utt)[0]
+    gl = None
+    if not (args.hift and args.no_griffin_lim):
+        gl = griffin_lim(mel[0]).numpy()
+        row["error_griffin_lim"], row["hyp_griffin_lim"] = listen(gl, utt)
+        row["error_griffin_lim_ref"] = listen(griffin_lim(ref).numpy(), utt)[0]
     if args.hift:
         voc = network_from_run("hift", args.hift)
         with torch.no_grad():
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg-rate", type=float, default=None, help="flow probe: guidance strength")
     ap.add_argument("--flow-steps", type=int, default=None, help="flow probe: Euler steps")
     ap.add_argument("--prior", action="store_true", help="flow probe: render the encoder's mu (no ODE)")
+    ap.add_argument(
+        "--no-griffin-lim", action="store_true", help="flow probe with --hift: skip the Griffin-Lim rows"
+    )
     ap.add_argument("--text-tokenizer", default="", help="lm probe: BPE directory (default: the run's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
