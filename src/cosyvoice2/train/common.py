@@ -384,6 +384,16 @@ def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Mo
         }
         module.load_state_dict(take, strict=False)
         copied, total = copied + len(take), total + len(mine)
+        # A partial load is the silent failure of warm starts (shapes or names that no longer match):
+        # name what kept its initialisation, beyond what ``exclude`` asked for.
+        kept = [k for k in mine if k not in take and not any(x in k for x in exclude)]
+        if take and kept:
+            more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+            print(
+                f"[warm start] {key}: {len(take)} of {len(mine)} tensors from {path.name}; kept their "
+                f"initialisation: {', '.join(kept[:3])}{more}",
+                file=sys.stderr,
+            )
     return copied, total
 
 
