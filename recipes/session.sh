@@ -16,8 +16,10 @@
 #                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/
 #   recipes/session.sh rank FLOW HIFT [N] gate (b) on more rows than the eval's 8 sentences, to rank
 #                                         candidates: the first N (default 24) held-out-speaker rows per
-#                                         language of data/cb4, tokens -> FLOW -> HIFT (run dirs, checkpoints
-#                                         or .safetensors), mean Whisper error per utterance; THREADS=1|2
+#                                         language of $CORPUS (default data/cb4), tokens -> FLOW -> HIFT (run
+#                                         dirs, checkpoints or .safetensors), mean Whisper error per
+#                                         utterance; THREADS=1|2
+#   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
 #   * with the kernel's autogroup scheduling on, `nice` does nothing between processes started from
@@ -106,26 +108,38 @@ for line in sys.stdin:
       --set train.max_steps=1000000 >> logs/flow_$(date +%m%d).log 2>&1 &
     echo "flow started (pid $!): $run/flow, log logs/flow_$(date +%m%d).log"
     ;;
-  rank)
-    flow=${1:?rank FLOW HIFT [N]}
-    hift=${2:?rank FLOW HIFT [N]}
-    n=${3:-24}
+  rank | rankhift)
+    if [ "$cmd" = rank ]; then
+      flow=${1:?rank FLOW HIFT [N]}
+      hift=${2:?rank FLOW HIFT [N]}
+      n=${3:-24}
+      probe=(flow --run "$flow" --hift "$hift" --no-griffin-lim --cache exp/cache_big)
+    else
+      hift=${1:?rankhift HIFT [N]}
+      n=${2:-24}
+      probe=(hift --run "$hift")
+    fi
+    corpus=${CORPUS:-data/cb4}
     ids=$($python -c "
-import json, sys
-rows = [json.loads(l) for l in open('data/cb4/manifest.jsonl')]
+import json, os, sys
+rows = [json.loads(l) for l in open('$corpus/manifest.jsonl')]
+rows = [r for r in rows if os.path.exists(os.path.join('$corpus', r['audio']))]
 for lang in ('en', 'zh'):
     pick = sorted(r['id'] for r in rows if r['split'] == 'test_unseen_speaker' and r['language'] == lang)
     print(' '.join(pick[:$n]))")
     # shellcheck disable=SC2086
-    $python -m cosyvoice2.train.probe flow --run "$flow" --hift "$hift" --no-griffin-lim --corpus data/cb4 \
-      --cache exp/cache_big --threads "${THREADS:-1}" --utts $ids | $python -c "
+    $python -m cosyvoice2.train.probe "${probe[@]}" --corpus "$corpus" --threads "${THREADS:-1}" --utts $ids \
+      | $python -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin]
 for lang in ('en', 'zh'):
     r = [x for x in rows if '-' + lang + '-' in x['id']]
     if r:
+        for x in r:  # probe hift: cepstral peak [copy, original]
+            x.update(dict(zip(('cpp_copy', 'cpp_ref'), x.pop('cepstral_peak', []))))
+        keys = [k for k in ('error_hift', 'error', 'ref_error', 'mel_l1', 'cpp_copy', 'cpp_ref') if k in r[0]]
         mean = lambda k: sum(x[k] for x in r) / len(r)
-        print(f'{lang}: n={len(r)} error_hift={mean(\"error_hift\"):.4f} ref={mean(\"ref_error\"):.4f} mel_l1={mean(\"mel_l1\"):.4f}')"
+        print(f'{lang}: n={len(r)} ' + ' '.join(f'{k}={mean(k):.4f}' for k in keys))"
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
