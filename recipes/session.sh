@@ -14,11 +14,14 @@
 #   recipes/session.sh train MIN [SNAP]   in the background, 1 thread each, for MIN minutes of training:
 #                                         the LM from the shipped LM on recipes/lm_data, and the flow from
 #                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/
+#   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
+#                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
+#                                         source driven by its own predicted f0 (the inference condition)
 #   recipes/session.sh rank FLOW HIFT [N] gate (b) on more rows than the eval's 8 sentences, to rank
-#                                         candidates: the first N (default 24) held-out-speaker rows per
-#                                         language of $CORPUS (default data/cb4), tokens -> FLOW -> HIFT (run
-#                                         dirs, checkpoints or .safetensors), mean Whisper error per
-#                                         utterance; THREADS=1|2
+#                                         candidates: N (default 24) held-out-speaker rows per language of
+#                                         $CORPUS (default data/cb4), round-robin over the speakers;
+#                                         tokens -> FLOW -> HIFT (run dirs, checkpoints or .safetensors),
+#                                         mean Whisper error per utterance; THREADS=1|2
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
@@ -108,6 +111,18 @@ for line in sys.stdin:
       --set train.max_steps=1000000 >> logs/flow_$(date +%m%d).log 2>&1 &
     echo "flow started (pid $!): $run/flow, log logs/flow_$(date +%m%d).log"
     ;;
+  hift)
+    minutes=${1:?hift MINUTES [SNAPSHOT]}
+    snap=${2:-cb5}
+    run=exp/s$(date +%m%d)
+    mkdir -p logs "$run"
+    nohup $python -m cosyvoice2.train.hift --config recipes/conf_cpu/hift.toml \
+      --set "train.out_dir=\"$run/hift\"" --set "train.corpus=\"data/$snap\"" --set 'train.device="cpu"' \
+      --set "train.init_from=\"$M/hift.safetensors\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
+      --set "train.max_minutes=$minutes" --set train.max_steps=1000000 --set train.save_every=200 \
+      >> logs/hift_$(date +%m%d).log 2>&1 &
+    echo "HiFT started (pid $!): $run/hift, log logs/hift_$(date +%m%d).log"
+    ;;
   rank | rankhift)
     if [ "$cmd" = rank ]; then
       flow=${1:?rank FLOW HIFT [N]}
@@ -121,12 +136,17 @@ for line in sys.stdin:
     fi
     corpus=${CORPUS:-data/cb4}
     ids=$($python -c "
-import json, os, sys
+import itertools, json, os, sys
 rows = [json.loads(l) for l in open('$corpus/manifest.jsonl')]
 rows = [r for r in rows if os.path.exists(os.path.join('$corpus', r['audio']))]
 for lang in ('en', 'zh'):
+    # round-robin over the held-out speakers (ids sort by speaker first)
     pick = sorted(r['id'] for r in rows if r['split'] == 'test_unseen_speaker' and r['language'] == lang)
-    print(' '.join(pick[:$n]))")
+    by_speaker = {}
+    for i in pick:
+        by_speaker.setdefault(i.split('-')[0], []).append(i)
+    order = [i for group in itertools.zip_longest(*by_speaker.values()) for i in group if i]
+    print(' '.join(order[:$n]))")
     # shellcheck disable=SC2086
     $python -m cosyvoice2.train.probe "${probe[@]}" --corpus "$corpus" --threads "${THREADS:-1}" --utts $ids \
       | $python -c "
