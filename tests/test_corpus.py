@@ -176,3 +176,11 @@ def test_build_tiny_corpus(tmp_path):
     with pytest.raises(SystemExit):
         C.build_corpus(out, max_utts=4, **{**kw, "langs": ["en", "zh"]})
     shutil.rmtree(out)
+
+
+def test_normalize_en_reads_huge_numbers_digit_by_digit():
+    # Whisper looping on garbled audio writes 100-digit runs; inflect raises past nonillions, and the eval
+    # crashed on one. Such a run reads digit by digit; ordinary numbers are unchanged.
+    assert C._en_cardinal(10**29) == "one hundred octillion"
+    assert C._en_cardinal(10**30) == "one " + " ".join(["zero"] * 30)
+    assert C.normalize_en("7" * 100).rstrip(".").split() == ["seven"] * 100

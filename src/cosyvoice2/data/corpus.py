@@ -120,7 +120,14 @@ def _inflect():
     return _inflect.engine
 
 
+_EN_CARDINAL_MAX = 10**30  # inflect names groups up to nonillions and raises NumOutOfRangeError beyond
+
+
 def _en_cardinal(n: int) -> str:
+    # Past inflect's range (the eval meets 100-digit runs when Whisper loops on garbled audio) a number
+    # is read digit by digit, as a person would read it out.
+    if abs(n) >= _EN_CARDINAL_MAX:
+        return " ".join(_ONES[int(d)] for d in str(abs(n)))
     return _inflect().number_to_words(n, andword="").replace(",", "")
 
 
