@@ -21,7 +21,8 @@
 #                                         candidates: N (default 24) held-out-speaker rows per language of
 #                                         $CORPUS (default data/cb4), round-robin over the speakers;
 #                                         tokens -> FLOW -> HIFT (run dirs, checkpoints or .safetensors),
-#                                         mean Whisper error per utterance; THREADS=1|2
+#                                         mean Whisper error per utterance; THREADS=1|2; RAW=FILE keeps
+#                                         the probe's rows (per utterance, for paired comparisons)
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
@@ -149,7 +150,7 @@ for lang in ('en', 'zh'):
     print(' '.join(order[:$n]))")
     # shellcheck disable=SC2086
     $python -m cosyvoice2.train.probe "${probe[@]}" --corpus "$corpus" --threads "${THREADS:-1}" --utts $ids \
-      | $python -c "
+      | tee "${RAW:-/dev/null}" | $python -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin]
 for lang in ('en', 'zh'):
