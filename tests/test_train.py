@@ -808,7 +808,9 @@ def _driver(tmp: Path, corpus: Path) -> None:
             "model": model,
             **(extra or {}),
         }
-        path = tmp / f"{name}.toml"
+        # One file per rank: both ranks write their recipe, and a shared file could be read by one rank
+        # while the other truncates it (a KeyError: 'model' on rank 1, seen once in CI).
+        path = tmp / f"{name}.rank{os.environ.get('RANK', '0')}.toml"
         path.write_text(_toml(tables))
         return path
 
