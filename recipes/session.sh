@@ -92,37 +92,34 @@ for line in sys.stdin:
     $python -m cosyvoice2.train.lmdata pack --corpus data/lmpack --cache exp/cache_big --out recipes/lm_data \
       --tokenizer $M/speech_tokenizer.safetensors
     ;;
-  train)
-    minutes=${1:?train MINUTES [SNAPSHOT]}
-    snap=${2:-cb}
+  train | hift)
+    minutes=${1:?$cmd MINUTES [SNAPSHOT]}
     run=exp/s$(date +%m%d)
     mkdir -p logs "$run"
-    # The shipped BPE (its tokenizer_config says which text units it reads) and the shipped weights.
-    nohup $python -m cosyvoice2.train.lm --config recipes/conf_cpu/lm.toml \
-      --set "train.out_dir=\"$run/lm\"" --set 'train.corpus="recipes/lm_data"' --set 'train.cache="recipes/lm_data"' \
-      --set 'train.device="cpu"' --set "train.init_from=\"$M/lm.safetensors\"" \
-      --set "lm.text_tokenizer=\"$M/tokenizer\"" --set train.lr=1e-3 --set train.warmup_steps=100 \
-      --set train.eval_every=200 --set "train.max_minutes=$minutes" --set train.max_steps=1000000 \
-      >> logs/lm_$(date +%m%d).log 2>&1 &
-    echo "LM started (pid $!): $run/lm, log logs/lm_$(date +%m%d).log"
-    nohup $python -m cosyvoice2.train.flow --config recipes/conf_cpu/flow.toml \
-      --set "train.out_dir=\"$run/flow\"" --set "train.corpus=\"data/$snap\"" --set 'train.cache="exp/cache_big"' \
-      --set 'train.device="cpu"' --set "train.init_from=\"$M/flow.safetensors\"" --set train.lr=1e-3 \
-      --set train.warmup_steps=100 --set train.eval_every=400 --set "train.max_minutes=$minutes" \
-      --set train.max_steps=1000000 >> logs/flow_$(date +%m%d).log 2>&1 &
-    echo "flow started (pid $!): $run/flow, log logs/flow_$(date +%m%d).log"
-    ;;
-  hift)
-    minutes=${1:?hift MINUTES [SNAPSHOT]}
-    snap=${2:-cb5}
-    run=exp/s$(date +%m%d)
-    mkdir -p logs "$run"
-    nohup $python -m cosyvoice2.train.hift --config recipes/conf_cpu/hift.toml \
-      --set "train.out_dir=\"$run/hift\"" --set "train.corpus=\"data/$snap\"" --set 'train.device="cpu"' \
-      --set "train.init_from=\"$M/hift.safetensors\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
-      --set "train.max_minutes=$minutes" --set train.max_steps=1000000 --set train.save_every=200 \
-      >> logs/hift_$(date +%m%d).log 2>&1 &
-    echo "HiFT started (pid $!): $run/hift, log logs/hift_$(date +%m%d).log"
+    # launch NET ARGS...: one background trainer of NET, warm-started from the shipped weights, 1 thread,
+    # for $minutes of training, into $run/NET, logging to logs/NET_MMDD.log
+    launch() {
+      local net=$1
+      shift
+      nohup $python -m "cosyvoice2.train.$net" --config "recipes/conf_cpu/$net.toml" \
+        --set "train.out_dir=\"$run/$net\"" --set 'train.device="cpu"' \
+        --set "train.init_from=\"$M/$net.safetensors\"" --set "train.max_minutes=$minutes" \
+        --set train.max_steps=1000000 "$@" >> "logs/${net}_$(date +%m%d).log" 2>&1 &
+      echo "$net started (pid $!): $run/$net, log logs/${net}_$(date +%m%d).log"
+    }
+    if [ "$cmd" = train ]; then
+      snap=${2:-cb}
+      # The shipped BPE (its tokenizer_config says which text units it reads).
+      launch lm --set 'train.corpus="recipes/lm_data"' --set 'train.cache="recipes/lm_data"' \
+        --set "lm.text_tokenizer=\"$M/tokenizer\"" --set train.lr=1e-3 --set train.warmup_steps=100 \
+        --set train.eval_every=200
+      launch flow --set "train.corpus=\"data/$snap\"" --set 'train.cache="exp/cache_big"' --set train.lr=1e-3 \
+        --set train.warmup_steps=100 --set train.eval_every=400
+    else
+      snap=${2:-cb5}
+      launch hift --set "train.corpus=\"data/$snap\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
+        --set train.save_every=200
+    fi
     ;;
   rank | rankhift)
     if [ "$cmd" = rank ]; then

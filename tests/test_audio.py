@@ -34,10 +34,9 @@ from cosyvoice2.errors import InputError, ModelLoadError
 from cosyvoice2.onnx_models import MAX_TOKENIZER_SECONDS, WHISPER_FRAME_RATE, SpeakerEncoder, SpeechTokenizer
 
 # FIXTURES.md gives 1e-5 for audio features, observed on one machine. The official float32 features carry
-# their own rounding: the same features computed in float64 differ from them by up to ~6e-5 (log bins of
-# quiet frames), and float32 on a CPU with other FFT/GEMM kernels (an Intel Xeon with AMX, 2026-12-05)
-# lands as far. 1e-4 (the fixtures' mel tolerance) is the cross-machine bound; a feature bug (a
-# window, bank or padding slip) moves whole frames or bins, far past it.
+# their own rounding: the same features computed in float64 differ from them by up to 6e-5, and float32 on
+# a CPU with other FFT/GEMM kernels (an Intel Xeon with AMX, 2026-12-05) by up to 5.6e-5. 1e-4 (the
+# fixtures' mel tolerance) is the cross-machine bound.
 FEATURE_TOL = {"atol": 1e-4, "rtol": 1e-5}
 SR = RATES.sample_rate
 SR16 = RATES.tokenizer_sample_rate

@@ -126,8 +126,8 @@ _EN_CARDINAL_MAX = 10**30  # inflect names groups up to nonillions and raises Nu
 def _en_cardinal(n: int) -> str:
     # Past inflect's range (the eval meets 100-digit runs when Whisper loops on garbled audio) a number
     # is read digit by digit, as a person would read it out.
-    if abs(n) >= _EN_CARDINAL_MAX:
-        return " ".join(_ONES[int(d)] for d in str(abs(n)))
+    if n >= _EN_CARDINAL_MAX:  # only digit runs reach here: n >= 0
+        return " ".join(_ONES[int(d)] for d in str(n))
     return _inflect().number_to_words(n, andword="").replace(",", "")
 
 
