@@ -17,6 +17,11 @@
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
+#   recipes/session.sh tokenizer MIN [SNAP]  in the background, 1 thread: the phonetic speech tokenizer from
+#                                         Whisper tiny.en (its last 2 blocks trained) with a local CTC head
+#                                         over the teacher's phonemes, on snapshot data/SNAP (default cb);
+#                                         exp/sMMDD/tokenizer. Its codes are not the shipped model's: the
+#                                         flow and LM must be retrained on them (TOKCACHE below)
 #   recipes/session.sh rank FLOW HIFT [N] gate (b) on more rows than the eval's 8 sentences, to rank
 #                                         candidates: N (default 24) held-out-speaker rows per language of
 #                                         $CORPUS (default data/cb4), round-robin over the speakers;
@@ -120,6 +125,19 @@ for line in sys.stdin:
       launch hift --set "train.corpus=\"data/$snap\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
         --set train.save_every=200
     fi
+    ;;
+  tokenizer)
+    minutes=${1:?tokenizer MINUTES [SNAPSHOT]}
+    snap=${2:-cb}
+    run=exp/s$(date +%m%d)
+    mkdir -p logs "$run"
+    nohup $python -m cosyvoice2.train.tokenizer --config recipes/conf_cpu/tokenizer.toml \
+      --set "train.out_dir=\"$run/tokenizer\"" --set 'train.device="cpu"' --set "train.corpus=\"data/$snap\"" \
+      --set "train.max_minutes=$minutes" --set train.max_steps=1000000 --set train.warmup_steps=100 \
+      --set train.eval_every=200 --set train.save_every=200 \
+      --set 'asr.units="phonemes"' --set asr.n_blocks=0 --set asr.train_blocks=2 \
+      >> "logs/tokenizer_$(date +%m%d).log" 2>&1 &
+    echo "tokenizer started (pid $!): $run/tokenizer, log logs/tokenizer_$(date +%m%d).log"
     ;;
   rank | rankhift)
     if [ "$cmd" = rank ]; then

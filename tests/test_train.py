@@ -478,6 +478,27 @@ def test_native_roundtrip_synthesises(tmp_path):
                  str(run / "text_tokenizer"), "--out", str(tmp_path / "m2")])  # fmt: skip
     tts = cosyvoice2.load(tmp_path / "m2", text_backend="none")
     assert tts.models.frontend.tokenizer.units == "pinyin"
+    # --base with a new speech tokenizer: its codes mean something else, so the built-in voices' prompt
+    # tokens are made anew, from --corpus / --cache, for the same speaker names
+    from cosyvoice2.train.data import FeatureCache, load_wav, read_manifest
+
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    FeatureCache(cache, "speakers").write_part({"spk_a": voice.embedding}, 0)
+    FeatureCache(cache, "speakers").merge()
+    save_native_dir(tmp_path / "m3", **nets, text_tokenizer_dir=tok_dir, speakers={"spk_a": voice})
+    torch.manual_seed(7)
+    new_tok = SpeechTokenizerModel(cfgs["speech_tokenizer"]).eval()
+    save_network(tmp_path / "tok.safetensors", new_tok, kind="speech_tokenizer")
+    export_main(["--base", str(tmp_path / "m3"), "--speech-tokenizer", str(tmp_path / "tok.safetensors"),
+                 "--corpus", str(corpus), "--cache", str(cache), "--prompt-seconds", "1.5",
+                 "--out", str(tmp_path / "m4")])  # fmt: skip
+    got = cosyvoice2.load(tmp_path / "m4", text_backend="none").models.speakers["spk_a"]
+    utt = next(u for u in read_manifest(corpus, ("train",)) if u.id == got.meta["source_utterance"])
+    assert utt.speaker == "spk_a"
+    want = SpeechTokenizerModel(cfgs["speech_tokenizer"]).eval()
+    want.load_state_dict({k: v.half().float() for k, v in new_tok.state_dict().items()})
+    wav16 = torch.from_numpy(load_wav(utt, 16000))[None]
+    assert torch.equal(got.speech_tokens.reshape(-1).long(), want.tokens(wav16).long())
     # saving again replaces the directory atomically
     save_native_dir(out, **nets, text_tokenizer_dir=tok_dir, speakers={})
     assert cosyvoice2.load(out, text_backend="none").speakers() == []
@@ -928,3 +949,62 @@ def _driver(tmp: Path, corpus: Path) -> None:
 
 if __name__ == "__main__":
     _driver(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_tokenizer_local_head_and_phoneme_units():
+    """``[asr] n_blocks = 0``: each token's character logits see only ``head_kernel`` tokens around it (so
+    each code has to name its own sound); ``units = "phonemes"``: the teacher's phonemes as CTC targets."""
+    import torch.nn.functional as F
+
+    from cosyvoice2.train.tokenizer import AsrConfig, AsrHead, asr_units, greedy_error
+
+    cfg = SpeechTokenizerConfig(d_model=16, n_heads=2, ff_dim=32, n_blocks=1)
+    head = AsrHead(cfg, AsrConfig(n_blocks=0, head_kernel=3), vocab_size=7).eval()
+    q = torch.randn(1, 12, cfg.fsq_dim, generator=torch.Generator().manual_seed(0))
+    moved = q.clone()
+    moved[0, 8] += 1.0
+    with torch.no_grad():
+        a, b = head(q, torch.tensor([12])), head(moved, torch.tensor([12]))
+    changed = (a - b).abs().amax(-1)[0] > 0
+    assert changed.tolist() == [i in (7, 8, 9) for i in range(12)]
+    with pytest.raises(ValueError, match="head_kernel"):
+        AsrConfig(head_kernel=2)
+    with pytest.raises(ValueError, match="units"):
+        AsrConfig(units="words")
+
+    # greedy CTC decoding: repeats merge, blanks (0) drop; one substituted symbol of four -> 0.25
+    path = torch.tensor([[2, 2, 0, 3, 0, 3, 4, 4, 0, 0]])
+    logp = F.one_hot(path, 6).float().log_softmax(-1)
+    assert greedy_error(logp, torch.tensor([10]), torch.tensor([[2, 3, 3, 4]]), torch.tensor([4])) == 0.0
+    assert greedy_error(logp, torch.tensor([10]), torch.tensor([[2, 3, 3, 5]]), torch.tensor([4])) == 0.25
+
+    assert asr_units("Hello, World!", "en", "chars") == "hello world"
+    pytest.importorskip("misaki")
+    en = asr_units("Hello, world!", "en", "phonemes")
+    assert en and not set(en) & set(" ,!ˈˌ")
+    zh = asr_units("你好，世界。", "zh", "phonemes")
+    assert set(zh) & set("↗↘→↓") and not set(zh) & set(" ，。,.")
+
+
+def test_speaker_means_of_several_corpora_share_one_cache(tmp_path):
+    """Extracting a second corpus (the eval rows) into a snapshot's cache keeps the first corpus's speaker
+    means (they once were replaced, and the export's built-in voices lost their speakers)."""
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.train import extract
+    from cosyvoice2.train.common import Dist
+    from cosyvoice2.train.data import FeatureCache
+
+    spk_path = tmp_path / "speaker_encoder.safetensors"
+    torch.manual_seed(0)
+    save_network(spk_path, SpeakerEncoderModel(tiny_configs(10)["speaker_encoder"]), kind="speaker_encoder")
+    first, second, cache = make_corpus(tmp_path / "a"), tmp_path / "b", tmp_path / "cache"
+    second.mkdir()
+    rows = [json.loads(line) for line in (first / "manifest.jsonl").read_text().splitlines()]
+    moved = [dict(r, id="b" + r["id"], speaker="spk_c", audio=str(first / r["audio"])) for r in rows[:2]]
+    (second / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in moved))
+    extract.run("embeddings", first, cache, str(spk_path), Dist(), flush=100)
+    before = FeatureCache(cache, "speakers").load()
+    extract.run("embeddings", second, cache, str(spk_path), Dist(), flush=100)
+    after = FeatureCache(cache, "speakers").load()
+    assert sorted(before) == ["spk_a", "spk_b"] and sorted(after) == ["spk_a", "spk_b", "spk_c"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

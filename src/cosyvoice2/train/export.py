@@ -177,6 +177,7 @@ def update_native(args: argparse.Namespace) -> None:
 
     from ..default_model import (
         NATIVE_CONFIG,
+        SPEAKERS_DIR,
         TOKENIZER_DIR,
         check_compatible,
         config_to_dict,
@@ -214,6 +215,19 @@ def update_native(args: argparse.Namespace) -> None:
         for kind, net in nets.items():
             save_network(tmp / f"{kind}.safetensors", net, kind=kind)
             raw[kind] = config_to_dict(net.cfg)
+        if "speech_tokenizer" in nets:
+            # A new tokenizer's codes mean something else: the built-in voices' prompt tokens (and so their
+            # prompt utterances) are made anew from --corpus / --cache for the same speaker names.
+            voices = speaker_prompts(
+                args.corpus,
+                args.cache,
+                nets["speech_tokenizer"].tokens,
+                list(raw["speakers"]),
+                args.prompt_seconds,
+            )
+            for name, voice in voices.items():
+                voice.save(tmp / SPEAKERS_DIR / f"{name}.voice", dtype=torch.float16)
+            raw.setdefault("info", {})["voices_from"] = str(args.corpus)
         if replaced:
             raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}
         text = json.dumps(raw, indent=2, ensure_ascii=False) + "\n"

@@ -96,7 +96,11 @@ def run(kind: str, corpus: Path, cache_dir: Path, model_path: str, d: Dist, flus
         cache = FeatureCache(cache_dir, "embeddings")
         extract(utts, cache, model.embed, d, flush)
         if d.is_main:
-            means = speaker_means(utts, cache.load())
+            # One cache may serve several corpora (a training snapshot, the eval rows): the speakers of
+            # this corpus are (re)computed, those of the others are kept.
+            speakers = FeatureCache(cache_dir, "speakers")
+            means = speakers.load() if speakers.path.is_file() else {}
+            means.update(speaker_means(utts, cache.load()))
             save_tensors_atomic(
                 {k: v.contiguous() for k, v in means.items()}, cache_dir / "speakers.safetensors"
             )

@@ -18,6 +18,7 @@ and kept in ``<out_dir>/vocab.json``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -69,6 +70,22 @@ class AsrConfig:
     # projection into the quantiser and the ASR head train (the stem and earlier blocks stay frozen).
     whisper_init: str = ""
     train_blocks: int = 1
+    # CTC targets. "chars": letters, Chinese as pinyin letters + tone digits. "phonemes": the phonemes the
+    # corpus's Kokoro teacher was driven by (misaki, the ``data`` extra: espeak-ng IPA for English,
+    # pinyin -> IPA with tone arrows for Chinese), one unit per symbol, stress marks and spaces dropped.
+    # Letters are English spelling, which no short stretch of audio determines; phonemes are what it says.
+    units: str = "chars"
+    # With n_blocks = 0 the head is local: per-token MLP + one conv of this width (tokens), so that each
+    # code has to name its own sound. Behind transformer blocks the codes may carry their content only in
+    # context (build 4: the mean mel of each code read at 100 % WER), which a small flow and LM trained on
+    # a few hours cannot untangle.
+    head_kernel: int = 3
+
+    def __post_init__(self) -> None:
+        if self.units not in ("chars", "phonemes"):
+            raise ValueError(f"[asr] units must be 'chars' or 'phonemes', got {self.units!r}")
+        if self.head_kernel < 1 or self.head_kernel % 2 == 0:
+            raise ValueError(f"[asr] head_kernel must be odd and >= 1, got {self.head_kernel}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,15 +122,44 @@ def asr_text(text: str) -> str:
     return " ".join(t.split())
 
 
+_NOT_PHONE = re.compile(r"[\sˈˌ\W]+")  # spaces, stress marks, punctuation (tone arrows are kept)
+
+
+@functools.cache
+def _g2p(language: str):
+    if language == "en":
+        from misaki.espeak import EspeakG2P
+
+        return EspeakG2P(language="en-us")
+    if language == "zh":
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        from misaki.zh import ZHG2P
+
+        return ZHG2P()
+    raise ValueError(f"[asr] units = 'phonemes': no G2P for language {language!r}")
+
+
+def asr_units(text: str, language: str, units: str) -> str:
+    """Transcript -> the symbols the ASR head predicts, one character each (see AsrConfig.units)."""
+    if units == "chars":
+        return asr_text(text)
+    phonemes, _ = _g2p(language)(unicodedata.normalize("NFKC", text))
+    return "".join(ch for ch in phonemes if ch in "↗↘→↓" or not _NOT_PHONE.fullmatch(ch))
+
+
 def build_vocab(texts: list[str], max_size: int = 6000) -> list[str]:
-    """Characters by frequency (ties by code point); ids 0 and 1 are CTC blank and unknown."""
-    counts = Counter(ch for t in texts for ch in asr_text(t))
+    """Symbols by frequency (ties by code point); ids 0 and 1 are CTC blank and unknown."""
+    counts = Counter(ch for t in texts for ch in t)
     chars = sorted(counts, key=lambda c: (-counts[c], c))[: max_size - 2]
     return ["<blank>", "<unk>", *chars]
 
 
-def encode_chars(text: str, index: dict[str, int]) -> list[int]:
-    return [index.get(ch, UNK) for ch in asr_text(text)]
+def encode_chars(units: str, index: dict[str, int]) -> list[int]:
+    return [index.get(ch, UNK) for ch in units]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +168,10 @@ def encode_chars(text: str, index: dict[str, int]) -> list[int]:
 
 
 class AsrHead(nn.Module):
-    """FSQ values [B, N, Q] -> Linear up to D -> encoder blocks -> character logits [B, N, V]."""
+    """FSQ values [B, N, Q] -> Linear up to D -> encoder blocks -> character logits [B, N, V].
+
+    With ``asr.n_blocks == 0`` it is local instead: Linear -> GELU -> Conv1d(k = head_kernel) -> GELU.
+    """
 
     def __init__(self, cfg: SpeechTokenizerConfig, asr: AsrConfig, vocab_size: int) -> None:
         super().__init__()
@@ -131,11 +180,17 @@ class AsrHead(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(asr.n_blocks)
         )
+        self.local = None
+        if not asr.n_blocks:
+            self.local = nn.Conv1d(d, d, asr.head_kernel, padding=asr.head_kernel // 2)
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, vocab_size)
 
     def forward(self, q: Tensor, lens: Tensor) -> Tensor:
         h = self.up(q)
+        if self.local is not None:
+            h = F.gelu(self.local(F.gelu(h).transpose(1, 2)).transpose(1, 2))
+            return self.out(self.norm(h))
         h = h + sinusoids(h.shape[1], h.shape[2], h.device).to(h.dtype)
         valid = torch.arange(h.shape[1], device=h.device)[None] < lens[:, None]
         for block in self.blocks:
@@ -201,13 +256,29 @@ class TokenizerObjective(nn.Module):
         hist = torch.bincount(codes[valid], minlength=self.net.cfg.codebook_size).float()
         p = hist / hist.sum().clamp(min=1)
         perplexity = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
-        return {
+        out = {
             "loss": loss + self.asr_cfg.spread_weight * spread_loss,
             "ctc": loss.detach(),
             "spread": spread.mean().detach(),
             "codes_used": (hist > 0).sum(),
             "code_perplexity": perplexity,
         }
+        if not self.training:  # dev rows: greedy CTC symbol error rate, what the loss stands for
+            out["unit_error"] = torch.tensor(greedy_error(logp, lens, batch["text"], batch["text_lens"]))
+        return out
+
+
+def greedy_error(logp: Tensor, lens: Tensor, text: Tensor, text_lens: Tensor) -> float:
+    """Symbol error rate of greedy CTC decoding: logp [B, N, V], text [B, L] -> edits / reference symbols."""
+    from ..evaluate import align
+
+    edits = total = 0
+    for b, best in enumerate(logp.argmax(-1)):
+        hyp = torch.unique_consecutive(best[: int(lens[b])]).tolist()
+        ref = text[b, : int(text_lens[b])].tolist()
+        edits += align([str(t) for t in ref], [str(t) for t in hyp if t != BLANK]).edits
+        total += len(ref)
+    return edits / max(total, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,14 +286,12 @@ class TokenizerObjective(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_item(n_mels: int, index: dict[str, int]):
+def load_item(n_mels: int, index: dict[str, int], units: str):
     def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
         wav = torch.from_numpy(load_wav(utt, RATES.tokenizer_sample_rate))[None]
         feats = whisper_log_mel(wav, n_mels)[0]  # [M, F]
-        return {
-            "feats": feats,
-            "text": torch.tensor(encode_chars(utt.text, index) or [UNK], dtype=torch.long),
-        }
+        target = encode_chars(asr_units(utt.text, utt.language, units), index)
+        return {"feats": feats, "text": torch.tensor(target or [UNK], dtype=torch.long)}
 
     return load
 
@@ -233,7 +302,7 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {"feats": feats, "feat_lens": feat_lens, "text": text, "text_lens": text_lens}
 
 
-def vocab_for(out_dir: Path, utts: list[Utt], d: Dist) -> list[str]:
+def vocab_for(out_dir: Path, utts: list[Utt], d: Dist, units: str = "chars") -> list[str]:
     """The run's character vocabulary: read back on resume, built (by rank 0) on the first run."""
     path = out_dir / "vocab.json"
     vocab = None
@@ -241,7 +310,7 @@ def vocab_for(out_dir: Path, utts: list[Utt], d: Dist) -> list[str]:
         if path.is_file():
             vocab = json.loads(path.read_text(encoding="utf-8"))
         else:
-            vocab = build_vocab([u.text for u in utts])
+            vocab = build_vocab([asr_units(u.text, u.language, units) for u in utts])
             atomic_write_text(path, json.dumps(vocab, ensure_ascii=False) + "\n")
     return broadcast_object(vocab, d)
 
@@ -266,10 +335,10 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     model_cfg, init = whisper_start(model_cfg, asr)
     max_seconds = min(cfg.max_seconds, model_cfg.max_seconds)
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, max_seconds, cfg.utts)
-    vocab = vocab_for(Path(cfg.out_dir), utts, d)
+    vocab = vocab_for(Path(cfg.out_dir), utts, d, asr.units)
     index = {c: i for i, c in enumerate(vocab)}
     dev = read_manifest(cfg.corpus, ("dev",), cfg.min_seconds, cfg.max_seconds) if cfg.eval_every else []
-    load = load_item(model_cfg.n_mels, index)
+    load = load_item(model_cfg.n_mels, index, asr.units)
     return Task(
         name="tokenizer",
         objective=TokenizerObjective(model_cfg, asr, len(vocab), init),
