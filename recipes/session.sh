@@ -13,7 +13,8 @@
 #   recipes/session.sh pack               add the extracted tokens of data/corpus_big to recipes/lm_data
 #   recipes/session.sh train MIN [SNAP]   in the background, 1 thread each, for MIN minutes of training:
 #                                         the LM from the shipped LM on recipes/lm_data, and the flow from
-#                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/
+#                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/;
+#                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer)
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
@@ -28,6 +29,7 @@
 #                                         tokens -> FLOW -> HIFT (run dirs, checkpoints or .safetensors),
 #                                         mean Whisper error per utterance; THREADS=1|2; RAW=FILE keeps
 #                                         the probe's rows (per utterance, for paired comparisons)
+#                                         CACHE=DIR: the tokens (default exp/cache_big)
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
@@ -114,12 +116,16 @@ for line in sys.stdin:
     }
     if [ "$cmd" = train ]; then
       snap=${2:-cb}
+      # TOKCACHE=DIR: the speech tokens of a new tokenizer (DIR/tokens.safetensors; its embeddings and
+      # mels may be links to exp/cache_big's): the LM then trains on the snapshot's rows, the only ones
+      # with audio to tokenise, instead of recipes/lm_data (the shipped tokenizer's codes).
+      if [ -n "${TOKCACHE:-}" ]; then lmdata=("data/$snap" "$TOKCACHE"); else lmdata=(recipes/lm_data recipes/lm_data); fi
       # The shipped BPE (its tokenizer_config says which text units it reads).
-      launch lm --set 'train.corpus="recipes/lm_data"' --set 'train.cache="recipes/lm_data"' \
+      launch lm --set "train.corpus=\"${lmdata[0]}\"" --set "train.cache=\"${lmdata[1]}\"" \
         --set "lm.text_tokenizer=\"$M/tokenizer\"" --set train.lr=1e-3 --set train.warmup_steps=100 \
         --set train.eval_every=200
-      launch flow --set "train.corpus=\"data/$snap\"" --set 'train.cache="exp/cache_big"' --set train.lr=1e-3 \
-        --set train.warmup_steps=100 --set train.eval_every=400
+      launch flow --set "train.corpus=\"data/$snap\"" --set "train.cache=\"${TOKCACHE:-exp/cache_big}\"" \
+        --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400
     else
       snap=${2:-cb5}
       launch hift --set "train.corpus=\"data/$snap\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
@@ -144,7 +150,7 @@ for line in sys.stdin:
       flow=${1:?rank FLOW HIFT [N]}
       hift=${2:?rank FLOW HIFT [N]}
       n=${3:-24}
-      probe=(flow --run "$flow" --hift "$hift" --no-griffin-lim --cache exp/cache_big)
+      probe=(flow --run "$flow" --hift "$hift" --no-griffin-lim --cache "${CACHE:-exp/cache_big}")
     else
       hift=${1:?rankhift HIFT [N]}
       n=${2:-24}

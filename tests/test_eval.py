@@ -81,6 +81,9 @@ def test_align_counts():
     assert (c.ref_units, c.substitutions, c.deletions, c.insertions) == (4, 1, 0, 1)
     assert ev.align([], ["a", "b"]).insertions == 2 and ev.align([], []).rate is None
     assert ev.align(["a", "b"], []).deletions == 2 and ev.align(["a", "b"], []).rate == 1.0
+    # a looping hypothesis: the error rate counts every inserted word, the miss rate only what was not read
+    loop = ev.align("a b c d".split(), "a b c x".split() + ["y"] * 40)
+    assert (loop.rate, loop.miss_rate) == (41 / 4, 1 / 4) and ev.align([], []).miss_rate is None
     rng = random.Random(0)
     for _ in range(200):
         ref = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
@@ -325,6 +328,7 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
         for lang, m in summary[cond]["languages"].items():
             assert m["metric"] == {"en": "wer", "zh": "cer"}[lang] and m["n"] == 1
             assert m["error_rate"] is not None and m["error_rate"] >= 0
+            assert 0 <= m["miss_rate"] <= min(1, m["error_rate"])
     assert -1.0 <= summary["zero_shot"]["speaker_similarity"] <= 1.0
     assert summary["builtin_stream"]["languages"]["en"]["first_chunk_s"] > 0
     items = report["items"]

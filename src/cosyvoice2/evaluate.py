@@ -41,7 +41,8 @@ The report (JSON, format "cosyvoice2.eval", version 1), top-level keys:
 * ``sentences``: per language, held-out sentences ``available`` and ``used``; ``prompt_speakers``;
 * ``asr``: engine, models per language (name and PyPI source), decoding, normalisers;
   ``speaker_encoder``: source file, SHA-256 and whether it is Resemblyzer's (``verified``);
-* ``summary``: per condition, ``languages`` -> per language {metric "wer"/"cer", error_rate, n,
+* ``summary``: per condition, ``languages`` -> per language {metric "wer"/"cer", error_rate,
+  miss_rate ((substitutions + deletions) / ref_units: blind to Whisper's insertion loops), n,
   ref_units, substitutions, deletions, insertions, audio_s, and where they apply speaker_similarity,
   prompt_similarity, synth_s, rtf, first_chunk_s, failed}, and the condition's mean
   ``speaker_similarity`` over all languages;
@@ -255,6 +256,15 @@ class ErrorCount:
     def rate(self) -> float | None:
         """edits / reference units (can exceed 1 with insertions); None without reference units."""
         return self.edits / self.ref_units if self.ref_units else None
+
+    @property
+    def miss_rate(self) -> float | None:
+        """(substitutions + deletions) / reference units: the share of the reference not read, in [0, 1].
+
+        Insertions are left out: on garbled audio Whisper (temperature 0, no fallback) can loop ("7-7-7-...")
+        and add ~100 words to one utterance, moving an 8-sentence WER by ~90 points, while this moves by at
+        most that utterance's own length."""
+        return (self.substitutions + self.deletions) / self.ref_units if self.ref_units else None
 
     def __add__(self, other: ErrorCount) -> ErrorCount:
         return ErrorCount(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -879,6 +889,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             s: dict[str, Any] = {
                 "metric": metric_name(lang),
                 "error_rate": _round(total.rate),
+                "miss_rate": _round(total.miss_rate),
                 "n": len(sub),
                 "ref_units": total.ref_units,
                 "substitutions": total.substitutions,
@@ -1057,7 +1068,7 @@ def format_summary(report: dict[str, Any]) -> str:
         parts = []
         for lang, m in s["languages"].items():
             part = (
-                f"{lang} {m['metric'].upper()} {100 * m['error_rate']:.1f}%"
+                f"{lang} {m['metric'].upper()} {100 * m['error_rate']:.1f}% (S+D {100 * m['miss_rate']:.1f}%)"
                 if m["error_rate"] is not None
                 else f"{lang} -"
             )
