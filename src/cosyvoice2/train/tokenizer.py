@@ -18,7 +18,6 @@ and kept in ``<out_dir>/vocab.json``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 import re
@@ -125,29 +124,13 @@ def asr_text(text: str) -> str:
 _NOT_PHONE = re.compile(r"[\sˈˌ\W]+")  # spaces, stress marks, punctuation (tone arrows are kept)
 
 
-@functools.cache
-def _g2p(language: str):
-    if language == "en":
-        from misaki.espeak import EspeakG2P
-
-        return EspeakG2P(language="en-us")
-    if language == "zh":
-        import logging
-
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        from misaki.zh import ZHG2P
-
-        return ZHG2P()
-    raise ValueError(f"[asr] units = 'phonemes': no G2P for language {language!r}")
-
-
 def asr_units(text: str, language: str, units: str) -> str:
     """Transcript -> the symbols the ASR head predicts, one character each (see AsrConfig.units)."""
     if units == "chars":
         return asr_text(text)
-    phonemes, _ = _g2p(language)(unicodedata.normalize("NFKC", text))
+    from ..data.corpus import misaki_g2p
+
+    phonemes, _ = misaki_g2p(language)(unicodedata.normalize("NFKC", text))
     return "".join(ch for ch in phonemes if ch in "↗↘→↓" or not _NOT_PHONE.fullmatch(ch))
 
 
