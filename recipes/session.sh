@@ -14,7 +14,8 @@
 #   recipes/session.sh train MIN [SNAP]   in the background, 1 thread each, for MIN minutes of training:
 #                                         the LM from the shipped LM on recipes/lm_data, and the flow from
 #                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/;
-#                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer)
+#                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer);
+#                                         LMUNITS=UNITS: the LM on a new BPE over those text units
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
@@ -120,10 +121,15 @@ for line in sys.stdin:
       # mels may be links to exp/cache_big's): the LM then trains on the snapshot's rows, the only ones
       # with audio to tokenise, instead of recipes/lm_data (the shipped tokenizer's codes).
       if [ -n "${TOKCACHE:-}" ]; then lmdata=("data/$snap" "$TOKCACHE"); else lmdata=(recipes/lm_data recipes/lm_data); fi
-      # The shipped BPE (its tokenizer_config says which text units it reads).
-      launch lm --set "train.corpus=\"${lmdata[0]}\"" --set "train.cache=\"${lmdata[1]}\"" \
-        --set "lm.text_tokenizer=\"$M/tokenizer\"" --set train.lr=1e-3 --set train.warmup_steps=100 \
-        --set train.eval_every=200
+      # The shipped BPE (its tokenizer_config says which text units it reads), or with LMUNITS=UNITS a
+      # new BPE over those units (text.TEXT_UNITS) and a fresh text embedding; the rest warm-starts.
+      if [ -n "${LMUNITS:-}" ]; then
+        text=(--set "lm.text_units=\"$LMUNITS\"" --set 'train.init_exclude=["embed_tokens"]')
+      else
+        text=(--set "lm.text_tokenizer=\"$M/tokenizer\"")
+      fi
+      launch lm --set "train.corpus=\"${lmdata[0]}\"" --set "train.cache=\"${lmdata[1]}\"" "${text[@]}" \
+        --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=200
       launch flow --set "train.corpus=\"data/$snap\"" --set "train.cache=\"${TOKCACHE:-exp/cache_big}\"" \
         --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400
     else

@@ -359,10 +359,11 @@ def test_train_layouts(model: CosyVoice2LM) -> None:
     n_speech = (n_sp // n_txt + 1) * n_text
     text, speech = torch.arange(n_text), torch.arange(n_speech)
     with torch.no_grad():
-        x, y = model.train_example(text, speech, bistream=False)
+        x, y, is_text = model.train_example(text, speech, bistream=False)
         assert x.shape == (n_text + n_speech + 2, cfg.hidden_size) and y.shape == (x.shape[0],)
         assert (y[: n_text + 1] == -1).all() and y[n_text + 1 :].tolist() == speech.tolist() + [cfg.eos_id]
-        x, y = model.train_example(text, speech, bistream=True)
+        assert is_text.tolist() == [False] + [True] * n_text + [False] * (n_speech + 1)
+        x, y, is_text = model.train_example(text, speech, bistream=True)
         assert x.shape == (n_text + n_speech + 2, cfg.hidden_size) and y.shape == (x.shape[0],)
         ys = y.tolist()
         assert ys.count(cfg.fill_id) == n_text // n_txt and ys[-1] == cfg.eos_id
@@ -372,6 +373,7 @@ def test_train_layouts(model: CosyVoice2LM) -> None:
             x[1 + n_txt], model.speech_embedding.weight[0]
         )  # first speech id of the first block
         assert sorted(t for t in ys if 0 <= t < cfg.speech_token_size) == speech.tolist()
+        torch.testing.assert_close(x[is_text], model.backbone.embed_tokens(text))  # the text, in order
 
 
 def test_forward_train_loss_decreases(model: CosyVoice2LM) -> None:

@@ -150,6 +150,25 @@ def test_text_units(tok_dir: Path, tokenizer: TextTokenizer, tmp_path: Path) -> 
         TextTokenizer.from_dir(pinyin)
 
 
+def test_phoneme_text_units() -> None:
+    """ "phonemes": Han runs through misaki's Chinese G2P, Latin runs through its English one (espeak-ng),
+    the same phonemes the default corpus's teacher spoke; tags stay whole and neither G2P sees them."""
+    pytest.importorskip("misaki")
+    from cosyvoice2.text import misaki_g2p
+
+    en, zh = misaki_g2p("en"), misaki_g2p("zh")
+    assert to_units("Hello world.", "phonemes") == en("Hello world.")[0]
+    assert to_units("白日依山尽", "phonemes") == zh("白日依山尽")[0]
+    assert "↗" in to_units("白日", "phonemes")  # tones survive
+    mixed = to_units("我爱 OK 绷[laughter]<strong>好</strong>!<|endofprompt|>", "phonemes")
+    assert mixed == (
+        zh("我爱")[0] + " " + en("OK")[0] + " " + zh("绷")[0] + "[laughter]<strong>" + zh("好")[0]
+        + "</strong>!<|endofprompt|>"
+    )  # fmt: skip
+    assert to_units("河流。", "phonemes").endswith("↗。") and "河" not in to_units("河流。", "phonemes")
+    assert to_units("", "phonemes") == "" and to_units("，。 ", "phonemes") == "，。 "
+
+
 def test_corrupt_files_raise(tok_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         TextTokenizer.from_dir(tmp_path / "nowhere")

@@ -8,6 +8,7 @@ group (extraction, tokenizer, LM, flow, HiFT, export) and writes what it saw to 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -345,6 +346,89 @@ def test_pinyin_text_units_bpe(tmp_path):
     assert TextTokenizer.from_dir(tmp_path / "plain").units == "bpe"
     with pytest.raises(ValueError, match="text_units"):
         train_bpe(texts, tmp_path / "bad", 300, units="phones")
+    if importlib.util.find_spec("misaki") is not None:  # "phonemes": the BPE learns phoneme pieces
+        train_bpe(texts, tmp_path / "ph", 300, units="phonemes")
+        tok = TextTokenizer.from_dir(tmp_path / "ph")
+        assert tok.units == "phonemes" and "↗" in tok.decode(tok.encode("河"))
+        assert tok.decode(tok.encode("Hello")) == "həlˈO"
+
+
+def test_guided_attention_loss(monkeypatch):
+    """[lm] guided_attention: the loss reads the same attention maps the model computes (checked against
+    probabilities recorded from every layer's scaled_dot_product_attention), rewards only the guided heads'
+    attention on the text near the diagonal, trains them towards it, and leaves dev loss pure CE."""
+    import random
+
+    import torch.nn.functional as F
+
+    import cosyvoice2.lm as lm_mod
+    from cosyvoice2.train.lm import LmTrainConfig, LMObjective
+
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, speech_token_size=30, mix_ratio=(2, 6),
+    )  # fmt: skip
+    lm_cfg = LmTrainConfig(guided_attention=1.0, guided_heads=3, guided_sigma=0.2)
+    obj = LMObjective(cfg, 0.5, lm_cfg).train()
+    text = torch.randint(0, 40, (3, 7))
+    speech = torch.randint(0, 30, (3, 30))
+    batch = {"text": text, "text_lens": torch.tensor([7, 5, 3]), "speech": speech,
+             "speech_lens": torch.tensor([30, 24, 12])}  # fmt: skip
+
+    probs = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None):
+        s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        probs.append(s.masked_fill(~attn_mask, float("-inf")).softmax(-1))  # [B, Hkv, G*L, L]
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(lm_mod.F, "scaled_dot_product_attention", recording)
+    random.seed(1)
+    out = obj(batch)
+    monkeypatch.undo()
+    y, is_text = out["targets"], out["is_text"]
+    B, L = y.shape
+    ref = []
+    for p in probs:  # the reference: the model's own maps, query head h = rows h*L.. of the folded axis
+        a = p.reshape(B, cfg.num_heads, L, L)[:, :3]
+        q = (y >= 0) & (y < 30)
+        for b in range(B):
+            qi, ti = q[b].nonzero()[:, 0], is_text[b].nonzero()[:, 0]
+            n = (torch.arange(len(qi)) + 0.5) / len(qi)
+            t = (torch.arange(len(ti)) + 0.5) / len(ti)
+            near = torch.exp(-((t[None] - n[:, None]) ** 2) / (2 * 0.2**2))
+            ref.append(1 - (a[b][:, qi][:, :, ti] * near).sum(-1))  # [heads, N_b]
+    per_layer = [torch.cat([r.flatten() for r in ref[i * B : (i + 1) * B]]).mean() for i in range(2)]
+    torch.testing.assert_close(out["ga"], torch.stack(per_layer).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loss"], out["ce"] + out["ga"])
+    assert 0 < out["ga"].item() < 1
+
+    # only the guided heads get gradient from it: the last layer's query head 3 (whose output feeds no
+    # guided map) stays untouched
+    obj.zero_grad()
+    guided_only = LMObjective(cfg, 0.5, lm_cfg).train()
+    guided_only.load_state_dict(obj.state_dict())
+    random.seed(1)
+    guided_only(batch)["ga"].backward()
+    g = guided_only.net.backbone.layers[-1].attn.qkv.weight.grad
+    assert g[: 3 * 8].abs().sum() > 0 and g[3 * 8 : 4 * 8].abs().sum() == 0
+
+    # trained on it alone, the guided heads move towards the diagonal
+    opt = torch.optim.Adam(guided_only.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        random.seed(1)
+        ga = guided_only(batch)["ga"]
+        first = first if first is not None else ga.item()
+        opt.zero_grad()
+        ga.backward()
+        opt.step()
+    assert ga.item() < 0.5 * first, (first, ga.item())
+    # dev (eval mode): the plain cross entropy, comparable with unguided runs
+    out = obj.eval()(batch)
+    assert "ga" not in out and torch.equal(out["loss"], out["loss"])
 
 
 def test_sigterm_saves_and_stops(tmp_path):

@@ -775,8 +775,9 @@ class CosyVoice2LM(nn.Module):
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def train_example(self, text: Tensor, speech: Tensor, bistream: bool) -> tuple[Tensor, Tensor]:
-        """One training sequence: inputs [L, D] and targets [L] (IGNORE_ID where nothing is predicted).
+    def train_example(self, text: Tensor, speech: Tensor, bistream: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """One training sequence: inputs [L, D], targets [L] (IGNORE_ID where nothing is predicted) and
+        is_text [L] (True at the text positions: what a guided-attention loss aligns speech with).
 
         Uni-stream: ``SOS, text, TASK, speech`` -> targets ignore SOS and text; TASK predicts the first
         speech id, each speech id the next, the last one EOS. Bistream: ``SOS, (T5 S15)*, T_rest, TASK,
@@ -791,19 +792,22 @@ class CosyVoice2LM(nn.Module):
         ign = [IGNORE_ID]
         if not bistream:
             targets = ign * (1 + len(text)) + speech.tolist() + [cfg.eos_id]
-            return torch.cat([sos, t_emb, task, s_emb]), torch.tensor(targets)
-        inputs, targets = [sos], list(ign)
+            is_text = [False] + [True] * len(text) + [False] * (1 + len(speech))
+            return torch.cat([sos, t_emb, task, s_emb]), torch.tensor(targets), torch.tensor(is_text)
+        inputs, targets, is_text = [sos], list(ign), [False]
         for j in range(math.ceil((len(text) + 1) / n_txt)):  # always ends with a partial (maybe empty) block
             tb = slice(j * n_txt, (j + 1) * n_txt)
             if len(text[tb]) == n_txt:
                 sb = slice(j * n_sp, (j + 1) * n_sp)
                 inputs += [t_emb[tb], s_emb[sb]]
                 targets += ign * (n_txt - 1) + speech[sb].tolist() + [cfg.fill_id]
+                is_text += [True] * n_txt + [False] * len(speech[sb])
             else:
                 rest = slice(j * n_sp, None)
                 inputs += [t_emb[tb], task, s_emb[rest]]
                 targets += ign * len(text[tb]) + speech[rest].tolist() + [cfg.eos_id]
-        return torch.cat(inputs), torch.tensor(targets)
+                is_text += [True] * len(text[tb]) + [False] * (1 + len(speech[rest]))
+        return torch.cat(inputs), torch.tensor(targets), torch.tensor(is_text)
 
     def forward_train(
         self,
@@ -822,14 +826,15 @@ class CosyVoice2LM(nn.Module):
         """
         rng = rng or random.Random()
         n_txt, n_sp = self.cfg.mix_ratio
-        seqs, tgts = [], []
+        seqs, tgts, texts = [], [], []
         for b in range(text.shape[0]):
             t, s = text[b, : int(text_len[b])], speech[b, : int(speech_len[b])]
             # draw first, as official, so the random stream does not depend on the ratio test
             bi = rng.random() < bistream_prob and len(t) > 0 and len(s) / len(t) > n_sp / n_txt
-            x, y = self.train_example(t, s, bi)
+            x, y, is_text = self.train_example(t, s, bi)
             seqs.append(x)
             tgts.append(y)
+            texts.append(is_text)
         x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         y = nn.utils.rnn.pad_sequence(tgts, batch_first=True, padding_value=IGNORE_ID).to(x.device)
         logits = self.speech_head(self.forward_embeds(x)).float()  # [B, L, V]
@@ -837,7 +842,8 @@ class CosyVoice2LM(nn.Module):
         n = valid.sum()
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_ID, reduction="sum") / n
         acc = (logits.argmax(-1)[valid] == y[valid]).float().mean()
-        return {"loss": loss, "acc": acc, "n_tokens": n}
+        is_text = nn.utils.rnn.pad_sequence(texts, batch_first=True).to(x.device)  # [B, L] bool
+        return {"loss": loss, "acc": acc, "n_tokens": n, "targets": y, "is_text": is_text}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Lengths: Chinese text is measured in characters, other text in Qwen tokens (as t
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import itertools
@@ -80,12 +81,18 @@ FINE_GRAINED_TAGS: tuple[str, ...] = tuple(t for t in COSYVOICE2_SPECIAL_TOKENS 
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
-# What the BPE reads. "bpe": the text itself (official directories: no ``text_units`` key). "pinyin" (this
-# project's small default model only): runs of Chinese characters become toned pinyin syllables first. A
-# small LM trained on a few hours cannot learn a pronunciation per character from byte pieces (2645
-# distinct characters in 2000 training utterances, 997 of them seen once), but ~400 syllables it can.
-TEXT_UNITS = ("bpe", "pinyin")
+# What the BPE reads. "bpe": the text itself (official directories: no ``text_units`` key). The other units
+# are for this project's small default model only, whose LM learns from a few hours of speech:
+#   "pinyin": runs of Chinese characters become toned pinyin syllables first. A small LM cannot learn a
+#     pronunciation per character from byte pieces (2645 distinct characters in 2000 training utterances,
+#     997 of them seen once), but ~400 syllables it can.
+#   "phonemes": the whole text becomes the phonemes misaki's G2P gives (espeak-ng for English, pinyin -> IPA
+#     with tone arrows for Chinese): what the Kokoro teacher of the default corpus spoke and what the default
+#     speech tokenizer's CTC head was trained to read from its codes, so that the LM only has to learn
+#     durations and voice, not English spelling.
+TEXT_UNITS = ("bpe", "pinyin", "phonemes")
 _HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_LATIN = re.compile(r"[A-Za-z]")
 
 
 def _pinyin_module() -> Any:
@@ -98,13 +105,61 @@ def _pinyin_module() -> Any:
     return pypinyin
 
 
+@functools.cache
+def misaki_g2p(lang: str, accent: str = "en-us") -> Callable[[str], tuple[str, Any]]:
+    """misaki's phonemiser (one per process and language): espeak-ng for English in ``accent``, pinyin ->
+    IPA with tone arrows for Chinese. Called as ``g2p(text) -> (phonemes, _)``."""
+    try:
+        if lang == "en":
+            from misaki.espeak import EspeakG2P
+
+            return EspeakG2P(language=accent)
+        if lang == "zh":
+            import logging
+
+            import jieba
+
+            jieba.setLogLevel(logging.WARNING)
+            from misaki.zh import ZHG2P
+
+            return ZHG2P()
+    except ImportError as exc:  # core dependencies; only a broken install lacks them
+        raise ModelLoadError(
+            f"phoneme text units need misaki's {lang} G2P: "
+            f"pip install misaki phonemizer-fork espeakng-loader jieba cn2an ({exc})"
+        ) from exc
+    raise ValueError(f"misaki G2P: unsupported language {lang!r}")
+
+
+def _phonemes(text: str) -> str:
+    """Plain text (no tags) -> phonemes: Han runs through the Chinese G2P, runs with Latin letters through
+    the English one, anything else (spaces, punctuation, digits left by normalisation) unchanged."""
+    out = []
+    runs = _HAN_RUN.findall(text)
+    for i, piece in enumerate(_HAN_RUN.split(text)):
+        if i:  # Han run i - 1 preceded this piece
+            out.append(misaki_g2p("zh")(runs[i - 1])[0])
+        if not _LATIN.search(piece):
+            out.append(piece)
+            continue
+        # espeak strips the whitespace around its input; word boundaries next to a Han run matter
+        core = piece.strip()
+        lead, trail = piece[: len(piece) - len(piece.lstrip())], piece[len(piece.rstrip()) :]
+        out.append(lead + misaki_g2p("en")(core)[0] + trail)
+    return "".join(out)
+
+
 def to_units(text: str, units: str) -> str:
     """``text`` as the BPE of a tokenizer with these ``text_units`` reads it.
 
     "pinyin": each run of Han characters becomes its syllables with tone digits (neutral tone 5), spaced
     off from the text around it: "白日依山尽，" -> " bai2 ri4 yi1 shan1 jin4 ，". Whole runs go to pypinyin so
     that its phrase table picks the reading of polyphones; everything else, tags included, is unchanged.
+    "phonemes": ``_phonemes`` between the special tokens and tags, which stay as they are.
     """
+    if units == "phonemes":
+        parts = _SPECIAL_SPLIT.split(text)  # tags at odd indices
+        return "".join(p if i % 2 else _phonemes(p) for i, p in enumerate(parts))
     if units == "bpe" or not _HAN_RUN.search(text):
         return text
     pypinyin = _pinyin_module()
@@ -172,6 +227,8 @@ class TextTokenizer:
             )
         if units == "pinyin":
             _pinyin_module()
+        if units == "phonemes":
+            misaki_g2p("en"), misaki_g2p("zh")  # a missing G2P fails at load, not on the first request
         _add_base_tokens(tk, config, root / "tokenizer_config.json")
         tk.add_special_tokens(
             [AddedToken(t, normalized=False, special=True) for t in COSYVOICE2_SPECIAL_TOKENS]
@@ -761,6 +818,7 @@ _TAG_RE = re.compile(
     "|".join(re.escape(t) for t in sorted(COSYVOICE2_SPECIAL_TOKENS, key=len, reverse=True))
     + r"|<\|[^<>|\s]*\|>"
 )
+_SPECIAL_SPLIT = re.compile(f"({_TAG_RE.pattern})")  # re.split keeps the tags (at odd indices)
 _SPAN_OPEN = ("<strong>", "<laughter>")
 _SPAN_CLOSE = ("</strong>", "</laughter>")
 

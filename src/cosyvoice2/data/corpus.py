@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -66,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_path
+from ..text import misaki_g2p
 
 SAMPLE_RATE = 24000
 LANGS = ("en", "zh")
@@ -723,26 +723,6 @@ def _read_wav(path: str) -> tuple[np.ndarray, int]:
 
     audio, sr = sf.read(path, dtype="float32", always_2d=True)
     return audio.mean(axis=1), sr
-
-
-@functools.cache
-def misaki_g2p(lang: str, accent: str = "en-us"):
-    """misaki's phonemiser (one per process): espeak-ng for English in ``accent``, pinyin -> IPA with tone
-    arrows for Chinese. Kokoro speaks these phonemes; the speech tokenizer's CTC targets are the same."""
-    if lang == "en":
-        from misaki.espeak import EspeakG2P
-
-        return EspeakG2P(language=accent)
-    if lang == "zh":
-        import logging
-
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        from misaki.zh import ZHG2P
-
-        return ZHG2P()
-    raise ValueError(f"misaki G2P: unsupported language {lang!r}")
 
 
 class KokoroTeacher(Teacher):

@@ -128,7 +128,7 @@ def asr_units(text: str, language: str, units: str) -> str:
     """Transcript -> the symbols the ASR head predicts, one character each (see AsrConfig.units)."""
     if units == "chars":
         return asr_text(text)
-    from ..data.corpus import misaki_g2p
+    from ..text import misaki_g2p
 
     phonemes, _ = misaki_g2p(language)(unicodedata.normalize("NFKC", text))
     return "".join(ch for ch in phonemes if ch in "↗↘→↓" or not _NOT_PHONE.fullmatch(ch))
