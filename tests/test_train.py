@@ -362,7 +362,7 @@ def test_guided_attention_loss(monkeypatch):
     import torch.nn.functional as F
 
     import cosyvoice2.lm as lm_mod
-    from cosyvoice2.train.lm import LmTrainConfig, LMObjective
+    from cosyvoice2.train.lm import LMObjective, LmTrainConfig, text_alignment
 
     torch.manual_seed(0)
     cfg = LMConfig(
@@ -426,6 +426,14 @@ def test_guided_attention_loss(monkeypatch):
         ga.backward()
         opt.step()
     assert ga.item() < 0.5 * first, (first, ga.item())
+    # ... which the probe's alignment measure sees: (text share, correlation) per layer and head
+    before = text_alignment(obj.net, text[0], speech[0])
+    after = text_alignment(guided_only.net, text[0], speech[0])
+    assert len(after) == cfg.num_layers * cfg.num_heads
+    assert all(0 <= m <= 1 + 1e-6 and -1 <= c <= 1 for m, c in before + after)
+    guided = [after[i * cfg.num_heads + h] for i in range(cfg.num_layers) for h in range(3)]
+    mean = lambda rows: sum(c for _, c in rows) / len(rows)  # noqa: E731
+    assert min(m for m, _ in guided) > 0.9 and mean(guided) > mean(before) + 0.3, (before, guided)
     # dev (eval mode): the plain cross entropy, comparable with unguided runs
     out = obj.eval()(batch)
     assert "ga" not in out and torch.equal(out["loss"], out["loss"])

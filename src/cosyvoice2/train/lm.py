@@ -146,6 +146,24 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def head_attention(attn: Attention, x: Tensor, plan: Any, heads: int) -> Tensor:
+    """The attention probabilities [B, heads, L, L] (fp32) of ``attn``'s first ``heads`` query heads,
+    recomputed from the layer's input x [B, L, D] and call plan as ``Attention.forward`` computes them."""
+    B, L, _ = x.shape
+    hd, group = attn.hd, attn.h // attn.hkv
+    kv = sorted({h // group for h in range(heads)})
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x, w[: heads * hd], b[: heads * hd]).view(B, L, heads, hd).transpose(1, 2)
+    k_rows = torch.cat([torch.arange(hd) + (attn.h + j) * hd for j in kv]).to(w.device)
+    k = F.linear(x, w[k_rows], b[k_rows]).view(B, L, len(kv), hd).transpose(1, 2)
+    q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+    k = k[:, [kv.index(h // group) for h in range(heads)]]  # the KV head of each query head
+    scores = (q @ k.transpose(-1, -2)) / hd**0.5  # [B, heads, L, L]
+    if plan.mask is not None:
+        scores = scores.masked_fill(~plan.mask, float("-inf"))
+    return scores.float().softmax(-1)
+
+
 def guided_attention_loss(
     attn: Attention,
     x: Tensor,
@@ -162,25 +180,44 @@ def guided_attention_loss(
     is_text [B, L]. The queries are the positions that predict speech id n; each loses 1 minus its
     attention on text positions t weighted by a Gaussian of t/T - n/N. Returns the mean over queries.
     """
-    B, L, _ = x.shape
-    hd, group = attn.hd, attn.h // attn.hkv
-    kv = sorted({h // group for h in range(heads)})
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x, w[: heads * hd], b[: heads * hd]).view(B, L, heads, hd).transpose(1, 2)
-    k_rows = torch.cat([torch.arange(hd) + (attn.h + j) * hd for j in kv]).to(w.device)
-    k = F.linear(x, w[k_rows], b[k_rows]).view(B, L, len(kv), hd).transpose(1, 2)
-    q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
-    k = k[:, [kv.index(h // group) for h in range(heads)]]  # the KV head of each query head
-    scores = (q @ k.transpose(-1, -2)) / hd**0.5  # [B, heads, L, L]
-    if plan.mask is not None:
-        scores = scores.masked_fill(~plan.mask, float("-inf"))
-    a = scores.float().softmax(-1) * is_text[:, None, None, :]
+    a = head_attention(attn, x, plan, heads) * is_text[:, None, None, :]
     query = (targets >= 0) & (targets < speech_vocab)  # [B, L]
     n = (query.cumsum(1) - 0.5) / query.sum(1, keepdim=True).clamp_min(1)  # (n + 1/2) / N
     t = (is_text.cumsum(1) - 0.5) / is_text.sum(1, keepdim=True).clamp_min(1)
     near = torch.exp(-((t[:, None, :] - n[:, :, None]) ** 2) / (2 * sigma**2))  # [B, L, L]
     per_query = 1 - (a * near[:, None]).sum(-1)  # [B, heads, L]
     return per_query.masked_select(query[:, None, :].expand_as(per_query)).mean()
+
+
+def text_alignment(net: CosyVoice2LM, text: Tensor, speech: Tensor) -> list[tuple[float, float]]:
+    """Per layer and head (layer-major): (share of attention on the text, correlation of each speech
+    position with the text position it attends to on average) for one teacher-forced uni-stream example.
+    An LM that reads its text has heads with a correlation near 1; the probe reports the best."""
+    x, y, is_text = net.train_example(text, speech, bistream=False)
+    seen = []
+    hooks = [
+        layer.attn.register_forward_pre_hook(lambda m, a: seen.append((m, *a)))
+        for layer in net.backbone.layers
+    ]
+    try:
+        with torch.no_grad():
+            net.forward_embeds(x[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    query = (y >= 0) & (y < net.cfg.speech_token_size)
+    pos = torch.arange(int(is_text.sum()), dtype=torch.float32)
+    out = []
+    with torch.no_grad():
+        for m, h, plan in seen:
+            a = head_attention(m, h, plan, m.h)[0][:, query][:, :, is_text]  # [H, N, T]
+            mass = a.sum(-1)
+            where = (a / mass[..., None].clamp_min(1e-9) * pos).sum(-1)  # [H, N]
+            ideal = torch.arange(where.shape[1], dtype=torch.float32)
+            for hh in range(a.shape[0]):
+                c = torch.corrcoef(torch.stack([where[hh], ideal]))[0, 1]
+                out.append((float(mass[hh].mean()), float(c.nan_to_num(0.0))))
+    return out
 
 
 class LMObjective(nn.Module):

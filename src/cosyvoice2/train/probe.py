@@ -15,9 +15,10 @@ per utterance goes to stdout:
 * ``flow``: the utterance's speech tokens + its speaker embedding through the flow (offline, no prompt);
   mean |mel - reference mel|; Whisper's error rate on the mel through Griffin-Lim (no vocoder weights) and,
   with ``--hift``, through that vocoder.
-* ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout), and free-running
+* ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout); free-running
   top-1 decoding from the text: the share of reference tokens reproduced position by position and the
-  length ratio.
+  length ratio; and the head that follows the text best (``align_corr``: correlation of each speech
+  position with the text position it attends to; an LM that has not learnt to read its text stays < 0.5).
 * ``tokens``: no network. Each speech token is rendered as the mean of the mel frames it stands for over
   the corpus's train split, through Griffin-Lim: what the token sequence says with no context at all. A
   flow (which sees context and the speaker) that reads worse than this table has not yet learnt the
@@ -161,6 +162,7 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
 
 def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     from ..text import TextTokenizer
+    from .lm import text_alignment
 
     net = network_from_run("lm", args.run)
     run = Path(args.run)
@@ -178,10 +180,16 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         hyp = greedy(net, text, max_len=2 * len(speech) + 10)
     n = min(len(hyp), len(speech))
     same = float((torch.tensor(hyp[:n]) == speech[:n]).sum()) / len(speech) if n else 0.0
+    heads = text_alignment(net, text, speech)
+    best = max(range(len(heads)), key=lambda i: heads[i][1])
     return {
         "teacher_forced_acc": round(float(acc), 4),
         "free_running_match": round(same, 4),
         "length_ratio": round(len(hyp) / len(speech), 3),
+        # the head that follows the text best: layer, head, its correlation and its share on the text
+        "align_head": [best // net.cfg.num_heads, best % net.cfg.num_heads],
+        "align_corr": round(heads[best][1], 3),
+        "align_text_share": round(heads[best][0], 3),
     }
 
 
