@@ -32,6 +32,15 @@
 #                                         the probe's rows (per utterance, for paired comparisons)
 #                                         CACHE=DIR: the tokens (default exp/cache_big)
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
+#   recipes/session.sh lmrank LM [N]      the LM alone, on N held-out-sentence rows per language of
+#                                         recipes/lm_data (no audio needed): tokens it samples from the text,
+#                                         read back as phonemes by recipes/phoneme_reader.safetensors
+#                                         (reader_error_sampled; the reference tokens' reading is the floor),
+#                                         and its best text-alignment head (align_corr); LM: checkpoint or
+#                                         .safetensors (TEXTTOK=DIR: its BPE, default the run's / the shipped)
+#
+# Runs go to exp/sMMDD/NET (RUN=DIR for another); a run directory that exists is RESUMED, checkpoint, step and
+# learning-rate schedule included (a second session on the same day and machine needs RUN=...).
 #
 # Lessons of earlier sessions (2-core AMD EPYC), which these defaults encode:
 #   * with the kernel's autogroup scheduling on, `nice` does nothing between processes started from
@@ -102,7 +111,7 @@ for line in sys.stdin:
     ;;
   train | hift)
     minutes=${1:?$cmd MINUTES [SNAPSHOT]}
-    run=exp/s$(date +%m%d)
+    run=${RUN:-exp/s$(date +%m%d)}
     mkdir -p logs "$run"
     # launch NET ARGS...: one background trainer of NET, warm-started from the shipped weights, 1 thread,
     # for $minutes of training, into $run/NET, logging to logs/NET_MMDD.log
@@ -141,7 +150,7 @@ for line in sys.stdin:
   tokenizer)
     minutes=${1:?tokenizer MINUTES [SNAPSHOT]}
     snap=${2:-cb}
-    run=exp/s$(date +%m%d)
+    run=${RUN:-exp/s$(date +%m%d)}
     mkdir -p logs "$run"
     nohup $python -m cosyvoice2.train.tokenizer --config recipes/conf_cpu/tokenizer.toml \
       --set "train.out_dir=\"$run/tokenizer\"" --set 'train.device="cpu"' --set "train.corpus=\"data/$snap\"" \
@@ -188,6 +197,27 @@ for lang in ('en', 'zh'):
         keys = [k for k in ('error_hift', 'error', 'ref_error', 'mel_l1', 'cpp_copy', 'cpp_ref') if k in r[0]]
         mean = lambda k: sum(x[k] for x in r) / len(r)
         print(f'{lang}: n={len(r)} ' + ' '.join(f'{k}={mean(k):.4f}' for k in keys))"
+    ;;
+  lmrank)
+    lm=${1:?lmrank LM [N]}
+    n=${2:-12}
+    case $lm in *.safetensors) tok=${TEXTTOK:-$M/tokenizer} ;; *) tok=${TEXTTOK:-} ;; esac
+    ids=$($python -c "
+import json
+rows = [json.loads(l) for l in open('recipes/lm_data/manifest.jsonl')]
+for lang in ('en', 'zh'):
+    print(' '.join([r['id'] for r in rows if r['split'] == 'test' and r['language'] == lang][:$n]))")
+    # shellcheck disable=SC2086
+    $python -m cosyvoice2.train.probe lm --run "$lm" ${tok:+--text-tokenizer "$tok"} --corpus recipes/lm_data \
+      --cache recipes/lm_data --reader recipes/phoneme_reader.safetensors --threads "${THREADS:-1}" --utts $ids \
+      | tee "${RAW:-/dev/null}" | $python -c "
+import json, sys
+rows = [json.loads(l) for l in sys.stdin]
+for lang in ('en', 'zh'):
+    r = [x for x in rows if '-' + lang + '-' in x['id']]
+    if r:
+        keys = ('reader_error_ref', 'reader_error_sampled', 'sampled_length_ratio', 'align_corr', 'teacher_forced_acc')
+        print(f'{lang}: n={len(r)} ' + ' '.join(f'{k}={sum(x[k] for x in r) / len(r):.4f}' for k in keys))"
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'

@@ -1078,6 +1078,41 @@ def test_tokenizer_local_head_and_phoneme_units():
     assert set(zh) & set("↗↘→↓") and not set(zh) & set(" ，。,.")
 
 
+def test_phoneme_reader_round_trip(tmp_path):
+    """PhonemeReader: the ASR head of a tokenizer run, saved alone (fp16 weights, configs and vocabulary in
+    the metadata), reads codes as the head in the run does; its error counts edits against the units."""
+    import torch.nn.functional as F
+
+    from cosyvoice2.train.tokenizer import AsrConfig, AsrHead, PhonemeReader
+
+    cfg = SpeechTokenizerConfig(d_model=16, n_heads=2, ff_dim=32, n_blocks=1)
+    asr = AsrConfig(n_blocks=0, head_kernel=3, units="chars")
+    vocab = ["<blank>", "<unk>", "a", "b", "c", " "]
+    head = AsrHead(cfg, asr, len(vocab))
+    with torch.no_grad():
+        for prm in head.parameters():  # exactly representable in fp16
+            prm.copy_((prm * 64).round() / 64)
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    torch.save(
+        {"step": 7, "model": {f"asr.{k}": v for k, v in head.state_dict().items()},
+         "config": {"model": dataclasses.asdict(cfg), "asr": dataclasses.asdict(asr)}},
+        run / "ckpt" / "best.pt",
+    )  # fmt: skip
+    (run / "vocab.json").write_text(json.dumps(vocab))
+    reader = PhonemeReader.load(PhonemeReader.save_from_run(run, tmp_path / "reader.safetensors"))
+    codes = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(0))
+    fsq = FSQ(cfg.fsq_dim, cfg.fsq_levels)
+    with torch.no_grad():
+        logp = F.log_softmax(head.eval()(fsq.values(codes)[None], torch.tensor([40]))[0], -1)
+    best = torch.unique_consecutive(logp.argmax(-1)).tolist()
+    expected = "".join(vocab[i] for i in best if i != 0)
+    assert reader.read(codes) == expected and reader.read([]) == ""
+    from cosyvoice2.evaluate import align
+
+    assert reader.error(codes, "Cab, BA!", "en") == (align(list("cab ba"), list(expected)).edits, 6)
+
+
 def test_speaker_means_of_several_corpora_share_one_cache(tmp_path):
     """Extracting a second corpus (the eval rows) into a snapshot's cache keeps the first corpus's speaker
     means (they once were replaced, and the export's built-in voices lost their speakers)."""

@@ -17,8 +17,10 @@ per utterance goes to stdout:
   with ``--hift``, through that vocoder.
 * ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout); free-running
   top-1 decoding from the text: the share of reference tokens reproduced position by position and the
-  length ratio; and the head that follows the text best (``align_corr``: correlation of each speech
-  position with the text position it attends to; an LM that has not learnt to read its text stays < 0.5).
+  length ratio; the head that follows the text best (``align_corr``: correlation of each speech
+  position with the text position it attends to; an LM that has not learnt to read its text stays < 0.5);
+  with ``--reader``, the phoneme error of the reference tokens and of tokens sampled as inference samples
+  them, both read back by the speech tokenizer's CTC head: the LM's intelligibility without the flow.
 * ``tokens``: no network. Each speech token is rendered as the mean of the mel frames it stands for over
   the corpus's train split, through Griffin-Lim: what the token sequence says with no context at all. A
   flow (which sees context and the speaker) that reads worse than this table has not yet learnt the
@@ -182,6 +184,16 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     same = float((torch.tensor(hyp[:n]) == speech[:n]).sum()) / len(speech) if n else 0.0
     heads = text_alignment(net, text, speech)
     best = max(range(len(heads)), key=lambda i: heads[i][1])
+    read = {}
+    if args.reader:  # what the tokens say, read back by the tokenizer's CTC head: reference vs sampled
+        reader = _reader(args.reader)
+        with torch.inference_mode():
+            sampled = list(net.generate(text, generator=torch.Generator().manual_seed(args.seed)))
+        for name, codes in (("ref", speech), ("sampled", sampled)):
+            edits, units = reader.error(codes, utt.text, utt.language)
+            read[f"reader_error_{name}"] = round(edits / max(units, 1), 4)
+        read["reader_units"] = units
+        read["sampled_length_ratio"] = round(len(sampled) / len(speech), 3)
     return {
         "teacher_forced_acc": round(float(acc), 4),
         "free_running_match": round(same, 4),
@@ -190,7 +202,15 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         "align_head": [best // net.cfg.num_heads, best % net.cfg.num_heads],
         "align_corr": round(heads[best][1], 3),
         "align_text_share": round(heads[best][0], 3),
+        **read,
     }
+
+
+@functools.cache
+def _reader(path: str):
+    from .tokenizer import PhonemeReader
+
+    return PhonemeReader.load(path)
 
 
 def greedy(net, text: Tensor, max_len: int) -> list[int]:
@@ -270,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-griffin-lim", action="store_true", help="flow probe with --hift: skip the Griffin-Lim rows"
     )
     ap.add_argument("--text-tokenizer", default="", help="lm probe: BPE directory (default: the run's)")
+    ap.add_argument(
+        "--reader",
+        default="",
+        help="lm probe: a PhonemeReader (recipes/phoneme_reader.safetensors) reads the reference tokens and "
+        "tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="lm probe: sampling seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
     args = ap.parse_args(argv)
@@ -279,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     utts = read_manifest(args.corpus, None, ids=args.utts)
     listen = _Listener(args.threads)
     for utt in utts:
-        wav = load_wav(utt, RATES.sample_rate)
+        # the LM probe needs no audio: it runs on recipes/lm_data (text and tokens only)
+        wav = load_wav(utt, RATES.sample_rate) if args.network != "lm" else None
         row = {"id": utt.id, "network": args.network, "run": args.run}
         row.update(PROBES[args.network](args, utt, wav, listen))
         audio = row.pop("_audio", None)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..audio import whisper_log_mel
 from ..config import RATES
 from ..default_model import config_from_dict
-from ..speech_tokenizer import Block, SpeechTokenizerConfig, SpeechTokenizerModel, sinusoids
+from ..speech_tokenizer import FSQ, Block, SpeechTokenizerConfig, SpeechTokenizerModel, sinusoids
 from .common import (
     Dist,
     Task,
@@ -262,6 +262,70 @@ def greedy_error(logp: Tensor, lens: Tensor, text: Tensor, text_lens: Tensor) ->
         edits += align([str(t) for t in ref], [str(t) for t in hyp if t != BLANK]).edits
         total += len(ref)
     return edits / max(total, 1)
+
+
+class PhonemeReader:
+    """A trained tokenizer's CTC head on its own: speech codes [N] -> the phonemes (or characters) it reads.
+
+    It judges token sequences without the flow or a vocoder: the reference tokens of an utterance read at
+    the tokenizer's own unit error, and tokens an LM samples read as well as they follow the text. Saved
+    as one .safetensors (the head's weights; its configs and vocabulary in the metadata) by
+    ``PhonemeReader.save_from_run``; ``recipes/phoneme_reader.safetensors`` is the shipped tokenizer's.
+    """
+
+    def __init__(self, head: AsrHead, fsq: FSQ, vocab: list[str], units: str) -> None:
+        self.head, self.fsq, self.vocab, self.units = head.eval(), fsq, vocab, units
+
+    @classmethod
+    def load(cls, path: str | Path) -> PhonemeReader:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            weights = {k: f.get_tensor(k).float() for k in f.keys()}
+        model = config_from_dict(SpeechTokenizerConfig, json.loads(meta["model"]), "[model]")
+        asr = config_from_dict(AsrConfig, json.loads(meta["asr"]), "[asr]")
+        vocab = json.loads(meta["vocab"])
+        head = AsrHead(model, asr, len(vocab))
+        head.load_state_dict(weights)
+        return cls(head, FSQ(model.fsq_dim, model.fsq_levels), vocab, asr.units)
+
+    @staticmethod
+    def save_from_run(run: str | Path, out: str | Path, checkpoint: str = "best.pt") -> Path:
+        """The ASR head of ``run/ckpt/<checkpoint>`` with ``run/vocab.json`` -> ``out`` (fp16, atomic)."""
+        from safetensors.torch import save_file
+
+        from ..fileio import atomic_path
+
+        run = Path(run)
+        ckpt = torch.load(run / "ckpt" / checkpoint, map_location="cpu", weights_only=False)
+        weights = {k[4:]: v.half().contiguous() for k, v in ckpt["model"].items() if k.startswith("asr.")}
+        meta = {
+            "model": json.dumps(ckpt["config"]["model"]),
+            "asr": json.dumps(ckpt["config"]["asr"]),
+            "vocab": (run / "vocab.json").read_text(encoding="utf-8"),
+            "step": str(ckpt["step"]),
+        }
+        with atomic_path(out) as tmp:
+            save_file(weights, str(tmp), metadata=meta)
+        return Path(out)
+
+    @torch.no_grad()
+    def read(self, codes: Tensor | list[int]) -> str:
+        """Greedy CTC reading of one code sequence [N]."""
+        codes = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
+        if not codes.numel():
+            return ""
+        logp = self.head(self.fsq.values(codes)[None], torch.tensor([codes.numel()]))[0]
+        best = torch.unique_consecutive(logp.argmax(-1)).tolist()
+        return "".join(self.vocab[i] for i in best if i != BLANK)
+
+    def error(self, codes: Tensor | list[int], text: str, language: str) -> tuple[int, int]:
+        """(edits, reference units) between the reading of ``codes`` and ``text``'s units."""
+        from ..evaluate import align
+
+        ref = asr_units(text, language, self.units)
+        return align(list(ref), list(self.read(codes))).edits, len(ref)
 
 
 # --------------------------------------------------------------------------------------------------
