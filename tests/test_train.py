@@ -439,6 +439,45 @@ def test_guided_attention_loss(monkeypatch):
     assert "ga" not in out and torch.equal(out["loss"], out["loss"])
 
 
+def test_lm_input_noise():
+    """[lm] input_noise: speech inputs are partly replaced by random ids in training; targets never change,
+    and dev (eval mode) sees the clean inputs."""
+    import random
+
+    from cosyvoice2.train.lm import LMObjective, LmTrainConfig
+
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, speech_token_size=30, mix_ratio=(2, 6),
+    )  # fmt: skip
+    net = CosyVoice2LM(cfg)
+    text, speech = torch.randint(0, 40, (5,)), torch.randint(0, 30, (20,))
+    clean = net.train_example(text, speech, False)
+    noisy_in = speech.clone()
+    noisy_in[::2] = (noisy_in[::2] + 1) % 30
+    noisy = net.train_example(text, speech, False, noisy_in)
+    assert torch.equal(clean[1], noisy[1]) and torch.equal(clean[2], noisy[2])
+    start = 2 + len(text)
+    assert not torch.equal(clean[0][start], noisy[0][start]) and torch.equal(
+        clean[0][start + 1], noisy[0][start + 1]
+    )
+    obj = LMObjective(cfg, 0.0, LmTrainConfig(input_noise=0.5))
+    obj.load_state_dict({f"net.{k}": v for k, v in net.state_dict().items()})
+    batch = {
+        "text": text[None],
+        "text_lens": torch.tensor([5]),
+        "speech": speech[None],
+        "speech_lens": torch.tensor([20]),
+    }
+    random.seed(0)
+    train_loss = obj.train()(batch)["loss"]
+    eval_losses = [obj.eval()(batch)["loss"] for _ in range(2)]
+    plain = net.forward_train(text[None], torch.tensor([5]), speech[None], torch.tensor([20]), 0.0)["loss"]
+    assert torch.equal(eval_losses[0], eval_losses[1]) and torch.allclose(eval_losses[0], plain)
+    assert not torch.allclose(train_loss, plain)
+
+
 def test_sigterm_saves_and_stops(tmp_path):
     """``kill`` (SIGTERM) ends a run after the current step with a checkpoint of that step and exit code 0,
     as the time budget does: stopping a background run at a session's end loses no steps."""

@@ -775,9 +775,13 @@ class CosyVoice2LM(nn.Module):
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def train_example(self, text: Tensor, speech: Tensor, bistream: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def train_example(
+        self, text: Tensor, speech: Tensor, bistream: bool, speech_in: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One training sequence: inputs [L, D], targets [L] (IGNORE_ID where nothing is predicted) and
         is_text [L] (True at the text positions: what a guided-attention loss aligns speech with).
+        ``speech_in`` (default ``speech``): the speech ids fed as inputs, e.g. with some replaced by noise;
+        the targets are always ``speech``.
 
         Uni-stream: ``SOS, text, TASK, speech`` -> targets ignore SOS and text; TASK predicts the first
         speech id, each speech id the next, the last one EOS. Bistream: ``SOS, (T5 S15)*, T_rest, TASK,
@@ -787,7 +791,8 @@ class CosyVoice2LM(nn.Module):
         cfg = self.cfg
         n_txt, n_sp = cfg.mix_ratio
         text, speech = text.long(), speech.long()
-        t_emb, s_emb = self.backbone.embed_tokens(text), self.speech_embedding(speech)
+        speech_in = speech if speech_in is None else speech_in.long()
+        t_emb, s_emb = self.backbone.embed_tokens(text), self.speech_embedding(speech_in)
         sos, task = self.sos_task.weight[SOS_ROW : SOS_ROW + 1], self.sos_task.weight[TASK_ROW : TASK_ROW + 1]
         ign = [IGNORE_ID]
         if not bistream:
@@ -817,8 +822,12 @@ class CosyVoice2LM(nn.Module):
         speech_len: Tensor,
         bistream_prob: float = 0.5,
         rng: random.Random | None = None,
+        input_noise: float = 0.0,
     ) -> dict[str, Tensor]:
         """Length-normalised cross-entropy for padded batches text [B, Lt], speech [B, Ls].
+
+        ``input_noise``: each speech input id is replaced by a uniformly random one with this probability
+        (targets unchanged), so that the next id cannot be read off the previous ones alone (0: official).
 
         Each example uses the bistream layout with probability ``bistream_prob`` when its speech/text
         ratio exceeds mix_ratio[1]/mix_ratio[0], else the uni-stream layout. Returns loss (mean over all
@@ -831,7 +840,11 @@ class CosyVoice2LM(nn.Module):
             t, s = text[b, : int(text_len[b])], speech[b, : int(speech_len[b])]
             # draw first, as official, so the random stream does not depend on the ratio test
             bi = rng.random() < bistream_prob and len(t) > 0 and len(s) / len(t) > n_sp / n_txt
-            x, y, is_text = self.train_example(t, s, bi)
+            s_in = None
+            if input_noise > 0:
+                noisy = torch.rand(s.shape, device=s.device) < input_noise
+                s_in = torch.where(noisy, torch.randint_like(s, self.cfg.speech_token_size), s)
+            x, y, is_text = self.train_example(t, s, bi, s_in)
             seqs.append(x)
             tgts.append(y)
             texts.append(is_text)
