@@ -34,7 +34,7 @@
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #   recipes/session.sh lmrank LM [N]      the LM alone, on N held-out-sentence rows per language of
 #                                         recipes/lm_data (no audio needed): tokens it samples from the text,
-#                                         read back as phonemes by recipes/phoneme_reader.safetensors
+#                                         read back as phonemes by the shipped model's phoneme_reader
 #                                         (reader_error_sampled; the reference tokens' reading is the floor),
 #                                         and its best text-alignment head (align_corr); LM: checkpoint or
 #                                         .safetensors (TEXTTOK=DIR: its BPE, default the run's / the shipped)
@@ -209,7 +209,7 @@ for lang in ('en', 'zh'):
     print(' '.join([r['id'] for r in rows if r['split'] == 'test' and r['language'] == lang][:$n]))")
     # shellcheck disable=SC2086
     $python -m cosyvoice2.train.probe lm --run "$lm" ${tok:+--text-tokenizer "$tok"} --corpus recipes/lm_data \
-      --cache recipes/lm_data --reader recipes/phoneme_reader.safetensors --threads "${THREADS:-1}" --utts $ids \
+      --cache recipes/lm_data --reader "$M/phoneme_reader.safetensors" --threads "${THREADS:-1}" --utts $ids \
       | tee "${RAW:-/dev/null}" | $python -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin]

@@ -617,6 +617,7 @@ def test_native_roundtrip_synthesises(tmp_path):
     FeatureCache(cache, "speakers").write_part({"spk_a": voice.embedding}, 0)
     FeatureCache(cache, "speakers").merge()
     save_native_dir(tmp_path / "m3", **nets, text_tokenizer_dir=tok_dir, speakers={"spk_a": voice})
+    (tmp_path / "m3" / "phoneme_reader.safetensors").write_bytes(b"reads the old codes")
     torch.manual_seed(7)
     new_tok = SpeechTokenizerModel(cfgs["speech_tokenizer"]).eval()
     save_network(tmp_path / "tok.safetensors", new_tok, kind="speech_tokenizer")
@@ -624,6 +625,7 @@ def test_native_roundtrip_synthesises(tmp_path):
                  "--corpus", str(corpus), "--cache", str(cache), "--prompt-seconds", "1.5",
                  "--out", str(tmp_path / "m4")])  # fmt: skip
     got = cosyvoice2.load(tmp_path / "m4", text_backend="none").models.speakers["spk_a"]
+    assert not (tmp_path / "m4" / "phoneme_reader.safetensors").exists()  # stale with the old tokenizer
     utt = next(u for u in read_manifest(corpus, ("train",)) if u.id == got.meta["source_utterance"])
     assert utt.speaker == "spk_a"
     want = SpeechTokenizerModel(cfgs["speech_tokenizer"]).eval()

@@ -227,6 +227,9 @@ def update_native(args: argparse.Namespace) -> None:
             )
             for name, voice in voices.items():
                 voice.save(tmp / SPEAKERS_DIR / f"{name}.voice", dtype=torch.float16)
+            # The base's phoneme reader (train.tokenizer.PhonemeReader) reads the old codes only; a new
+            # one comes from the tokenizer's run: PhonemeReader.save_from_run(RUN, OUT/<that file>).
+            (tmp / "phoneme_reader.safetensors").unlink(missing_ok=True)
             raw.setdefault("info", {})["voices_from"] = str(args.corpus)
         if replaced:
             raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}

@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--reader",
         default="",
-        help="lm probe: a PhonemeReader (recipes/phoneme_reader.safetensors) reads the reference tokens and "
-        "tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled",
+        help="lm probe: a PhonemeReader (default_model/phoneme_reader.safetensors) reads the reference "
+        "tokens and tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled",
     )
     ap.add_argument("--seed", type=int, default=0, help="lm probe: sampling seed")
     ap.add_argument("--threads", type=int, default=1)

@@ -270,7 +270,8 @@ class PhonemeReader:
     It judges token sequences without the flow or a vocoder: the reference tokens of an utterance read at
     the tokenizer's own unit error, and tokens an LM samples read as well as they follow the text. Saved
     as one .safetensors (the head's weights; its configs and vocabulary in the metadata) by
-    ``PhonemeReader.save_from_run``; ``recipes/phoneme_reader.safetensors`` is the shipped tokenizer's.
+    ``PhonemeReader.save_from_run``; the default model directory's
+    ``phoneme_reader.safetensors`` is its tokenizer's (training diagnostics only; inference never reads it).
     """
 
     def __init__(self, head: AsrHead, fsq: FSQ, vocab: list[str], units: str) -> None:
