@@ -15,7 +15,8 @@
 #                                         the LM from the shipped LM on recipes/lm_data, and the flow from
 #                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/;
 #                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer);
-#                                         LMUNITS=UNITS: the LM on a new BPE over those text units
+#                                         LMUNITS=UNITS: the LM on a new BPE over those text units;
+#                                         NETS="lm" (or "flow"): only those; LMSET="k=v ...": extra --set for the LM
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
@@ -137,10 +138,17 @@ for line in sys.stdin:
       else
         text=(--set "lm.text_tokenizer=\"$M/tokenizer\"")
       fi
-      launch lm --set "train.corpus=\"${lmdata[0]}\"" --set "train.cache=\"${lmdata[1]}\"" "${text[@]}" \
-        --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=200
-      launch flow --set "train.corpus=\"data/$snap\"" --set "train.cache=\"${TOKCACHE:-exp/cache_big}\"" \
-        --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400
+      nets=" ${NETS:-lm flow} "
+      extra=()
+      for kv in ${LMSET:-}; do extra+=(--set "$kv"); done
+      if [[ $nets == *" lm "* ]]; then
+        launch lm --set "train.corpus=\"${lmdata[0]}\"" --set "train.cache=\"${lmdata[1]}\"" "${text[@]}" \
+          --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=200 "${extra[@]}"
+      fi
+      if [[ $nets == *" flow "* ]]; then
+        launch flow --set "train.corpus=\"data/$snap\"" --set "train.cache=\"${TOKCACHE:-exp/cache_big}\"" \
+          --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400
+      fi
     else
       snap=${2:-cb5}
       launch hift --set "train.corpus=\"data/$snap\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
@@ -216,7 +224,8 @@ rows = [json.loads(l) for l in sys.stdin]
 for lang in ('en', 'zh'):
     r = [x for x in rows if '-' + lang + '-' in x['id']]
     if r:
-        keys = ('reader_error_ref', 'reader_error_sampled', 'sampled_length_ratio', 'align_corr', 'teacher_forced_acc')
+        keys = ('reader_error_ref', 'reader_error_sampled', 'sampled_length_ratio', 'align_corr', 'teacher_forced_acc',
+                'text_gain')
         print(f'{lang}: n={len(r)} ' + ' '.join(f'{k}={sum(x[k] for x in r) / len(r):.4f}' for k in keys))"
     ;;
   *)

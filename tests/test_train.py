@@ -7,6 +7,7 @@ group (extraction, tokenizer, LM, flow, HiFT, export) and writes what it saw to 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -362,7 +363,7 @@ def test_guided_attention_loss(monkeypatch):
     import torch.nn.functional as F
 
     import cosyvoice2.lm as lm_mod
-    from cosyvoice2.train.lm import LMObjective, LmTrainConfig, text_alignment
+    from cosyvoice2.train.lm import LMObjective, LmTrainConfig, text_alignment, text_gain
 
     torch.manual_seed(0)
     cfg = LMConfig(
@@ -434,6 +435,13 @@ def test_guided_attention_loss(monkeypatch):
     guided = [after[i * cfg.num_heads + h] for i in range(cfg.num_layers) for h in range(3)]
     mean = lambda rows: sum(c for _, c in rows) / len(rows)  # noqa: E731
     assert min(m for m, _ in guided) > 0.9 and mean(guided) > mean(before) + 0.3, (before, guided)
+    # text_gain: ~0 for an LM that cannot tell its text units apart (all embeddings equal), > 0 otherwise
+    loss, gain = text_gain(guided_only.net, text[0], speech[0])
+    assert loss > 0 and gain != 0
+    blind = copy.deepcopy(guided_only.net)
+    with torch.no_grad():
+        blind.backbone.embed_tokens.weight[:] = blind.backbone.embed_tokens.weight[0]
+    assert abs(text_gain(blind, text[0], speech[0])[1]) < 1e-5
     # dev (eval mode): the plain cross entropy, comparable with unguided runs
     out = obj.eval()(batch)
     assert "ga" not in out and torch.equal(out["loss"], out["loss"])
@@ -476,6 +484,21 @@ def test_lm_input_noise():
     plain = net.forward_train(text[None], torch.tensor([5]), speech[None], torch.tensor([20]), 0.0)["loss"]
     assert torch.equal(eval_losses[0], eval_losses[1]) and torch.allclose(eval_losses[0], plain)
     assert not torch.allclose(train_loss, plain)
+    # one share per example: [0, 1] leaves the first example's inputs clean and replaces all of the second's
+    two = {k: torch.cat([v, v]) for k, v in batch.items()}
+    seen = []
+    h = net.speech_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    net.forward_train(two["text"], two["text_lens"], two["speech"], two["speech_lens"], 0.0,
+                      input_noise=torch.tensor([0.0, 1.0]))  # fmt: skip
+    h.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], speech) and (seen[1] != speech).sum() > 10
+    uniform = LMObjective(cfg, 0.0, LmTrainConfig(input_noise=1.0, input_noise_uniform=True))
+    uniform.load_state_dict(obj.state_dict())
+    torch.manual_seed(1)
+    a = uniform.train()(two)["loss"]
+    torch.manual_seed(2)
+    b = uniform.train()(two)["loss"]
+    assert not torch.allclose(a, b) and torch.allclose(uniform.eval()(two)["loss"], plain)
 
 
 def test_sigterm_saves_and_stops(tmp_path):

@@ -822,12 +822,13 @@ class CosyVoice2LM(nn.Module):
         speech_len: Tensor,
         bistream_prob: float = 0.5,
         rng: random.Random | None = None,
-        input_noise: float = 0.0,
+        input_noise: float | Tensor = 0.0,
     ) -> dict[str, Tensor]:
         """Length-normalised cross-entropy for padded batches text [B, Lt], speech [B, Ls].
 
         ``input_noise``: each speech input id is replaced by a uniformly random one with this probability
-        (targets unchanged), so that the next id cannot be read off the previous ones alone (0: official).
+        (targets unchanged), so that the next id cannot be read off the previous ones alone (0: official);
+        a float, or one probability per example [B].
 
         Each example uses the bistream layout with probability ``bistream_prob`` when its speech/text
         ratio exceeds mix_ratio[1]/mix_ratio[0], else the uni-stream layout. Returns loss (mean over all
@@ -841,8 +842,9 @@ class CosyVoice2LM(nn.Module):
             # draw first, as official, so the random stream does not depend on the ratio test
             bi = rng.random() < bistream_prob and len(t) > 0 and len(s) / len(t) > n_sp / n_txt
             s_in = None
-            if input_noise > 0:
-                noisy = torch.rand(s.shape, device=s.device) < input_noise
+            p = float(input_noise[b]) if isinstance(input_noise, Tensor) else input_noise
+            if p > 0:
+                noisy = torch.rand(s.shape, device=s.device) < p
                 s_in = torch.where(noisy, torch.randint_like(s, self.cfg.speech_token_size), s)
             x, y, is_text = self.train_example(t, s, bi, s_in)
             seqs.append(x)

@@ -164,7 +164,7 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
 
 def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     from ..text import TextTokenizer
-    from .lm import text_alignment
+    from .lm import text_alignment, text_gain
 
     net = network_from_run("lm", args.run)
     run = Path(args.run)
@@ -183,6 +183,7 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     n = min(len(hyp), len(speech))
     same = float((torch.tensor(hyp[:n]) == speech[:n]).sum()) / len(speech) if n else 0.0
     heads = text_alignment(net, text, speech)
+    tf_loss, gain = text_gain(net, text, speech)
     best = max(range(len(heads)), key=lambda i: heads[i][1])
     read = {}
     if args.reader:  # what the tokens say, read back by the tokenizer's CTC head: reference vs sampled
@@ -196,6 +197,8 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         read["sampled_length_ratio"] = round(len(sampled) / len(speech), 3)
     return {
         "teacher_forced_acc": round(float(acc), 4),
+        "teacher_forced_loss": round(tf_loss, 4),
+        "text_gain": round(gain, 4),  # nats the text saves per position (train/lm.py text_gain)
         "free_running_match": round(same, 4),
         "length_ratio": round(len(hyp) / len(speech), 3),
         # the head that follows the text best: layer, head, its correlation and its share on the text
