@@ -436,12 +436,12 @@ def test_guided_attention_loss(monkeypatch):
     mean = lambda rows: sum(c for _, c in rows) / len(rows)  # noqa: E731
     assert min(m for m, _ in guided) > 0.9 and mean(guided) > mean(before) + 0.3, (before, guided)
     # text_gain: ~0 for an LM that cannot tell its text units apart (all embeddings equal), > 0 otherwise
-    loss, gain = text_gain(guided_only.net, text[0], speech[0])
-    assert loss > 0 and gain != 0
+    tf = text_gain(guided_only.net, text[0], speech[0])
+    assert tf["loss"] > 0 and 0 <= tf["acc"] <= 1 and tf["gain"] != 0
     blind = copy.deepcopy(guided_only.net)
     with torch.no_grad():
         blind.backbone.embed_tokens.weight[:] = blind.backbone.embed_tokens.weight[0]
-    assert abs(text_gain(blind, text[0], speech[0])[1]) < 1e-5
+    assert abs(text_gain(blind, text[0], speech[0])["gain"]) < 1e-5
     # dev (eval mode): the plain cross entropy, comparable with unguided runs
     out = obj.eval()(batch)
     assert "ga" not in out and torch.equal(out["loss"], out["loss"])

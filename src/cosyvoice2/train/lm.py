@@ -196,8 +196,9 @@ def guided_attention_loss(
     return per_query.masked_select(query[:, None, :].expand_as(per_query)).mean()
 
 
-def text_gain(net: CosyVoice2LM, text: Tensor, speech: Tensor) -> tuple[float, float]:
-    """(teacher-forced loss, how much the text lowers it) for one uni-stream example text [Lt], speech [Ls].
+def text_gain(net: CosyVoice2LM, text: Tensor, speech: Tensor) -> dict[str, float]:
+    """Teacher-forced ``loss`` and ``acc``, and ``gain``: how much the text lowers the loss, for one
+    uni-stream example text [Lt], speech [Ls].
 
     The gain is the loss with the text reversed (the same units and length, in the wrong order) minus the
     loss with the true text, in nats per predicted position. An LM that predicts a code from the codes
@@ -205,9 +206,9 @@ def text_gain(net: CosyVoice2LM, text: Tensor, speech: Tensor) -> tuple[float, f
     0.05-0.10 and sampled gibberish."""
     lens = torch.tensor([len(text)]), torch.tensor([len(speech)])
     with torch.no_grad():
-        true = net.forward_train(text[None], lens[0], speech[None], lens[1], bistream_prob=0.0)["loss"]
+        true = net.forward_train(text[None], lens[0], speech[None], lens[1], bistream_prob=0.0)
         rev = net.forward_train(text.flip(0)[None], lens[0], speech[None], lens[1], bistream_prob=0.0)["loss"]
-    return float(true), float(rev - true)
+    return {"loss": float(true["loss"]), "acc": float(true["acc"]), "gain": float(rev - true["loss"])}
 
 
 def text_alignment(net: CosyVoice2LM, text: Tensor, speech: Tensor) -> list[tuple[float, float]]:

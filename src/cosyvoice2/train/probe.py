@@ -177,13 +177,11 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     speech = _features(args.cache, "tokens")[utt.id].long()
     text = torch.tensor(tok.encode(utt.text), dtype=torch.long)
     with torch.no_grad():
-        lens = torch.tensor([len(text)]), torch.tensor([len(speech)])
-        acc = net.forward_train(text[None], lens[0], speech[None], lens[1], bistream_prob=0.0)["acc"]
         hyp = greedy(net, text, max_len=2 * len(speech) + 10)
     n = min(len(hyp), len(speech))
     same = float((torch.tensor(hyp[:n]) == speech[:n]).sum()) / len(speech) if n else 0.0
     heads = text_alignment(net, text, speech)
-    tf_loss, gain = text_gain(net, text, speech)
+    tf = text_gain(net, text, speech)
     best = max(range(len(heads)), key=lambda i: heads[i][1])
     read = {}
     if args.reader:  # what the tokens say, read back by the tokenizer's CTC head: reference vs sampled
@@ -196,9 +194,9 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         read["reader_units"] = units
         read["sampled_length_ratio"] = round(len(sampled) / len(speech), 3)
     return {
-        "teacher_forced_acc": round(float(acc), 4),
-        "teacher_forced_loss": round(tf_loss, 4),
-        "text_gain": round(gain, 4),  # nats the text saves per position (train/lm.py text_gain)
+        "teacher_forced_acc": round(tf["acc"], 4),
+        "teacher_forced_loss": round(tf["loss"], 4),
+        "text_gain": round(tf["gain"], 4),  # nats the text saves per position (train/lm.py text_gain)
         "free_running_match": round(same, 4),
         "length_ratio": round(len(hyp) / len(speech), 3),
         # the head that follows the text best: layer, head, its correlation and its share on the text
