@@ -62,6 +62,9 @@ VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (
     "fast": ("fast", {}),
     "fast-steps5": ("fast", {"flow_steps": 5}),
     "fast-flow-int8": ("fast", {"flow_quant": "int8"}),  # A/B of the flow's precision on bf16 CPUs
+    # fast + a 4-step first chunk (FlowConfig.first_chunk_steps): what the first packet would be if the
+    # sampler lever joined fast; later chunks stay exact (bench/README "Flow sampler levers")
+    "fast-first4": ("fast", {"first_chunk_steps": 4}),
     "int8": ("exact", {"lm_quant": "int8", "flow_quant": "int8"}),
     "bf16": ("exact", {"lm_quant": "bf16", "flow_quant": "bf16"}),
     "int8-steps5": ("exact", {"lm_quant": "int8", "flow_quant": "int8", "flow_steps": 5}),
@@ -767,7 +770,8 @@ def run_variant(variant: str, quick: bool) -> dict:
             return out | {"int8_quality": int8_quality(models)}
         compute, options = VARIANTS[variant]
         chosen = plan(compute).with_overrides(options.get("lm_quant"), options.get("flow_quant"),
-                                              options.get("flow_steps"))  # fmt: skip
+                                              options.get("flow_steps"), options.get("cfg_steps"),
+                                              options.get("first_chunk_steps"))  # fmt: skip
         speed_up(models, **chosen.load_options())
         tts = CosyVoice2(models, compute_plan=chosen)
         voice = random_voice()

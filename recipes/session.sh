@@ -38,7 +38,8 @@
 #                                         read back as phonemes by the shipped model's phoneme_reader
 #                                         (reader_error_sampled; the reference tokens' reading is the floor),
 #                                         and its best text-alignment head (align_corr); LM: checkpoint or
-#                                         .safetensors (TEXTTOK=DIR: its BPE, default the run's / the shipped)
+#                                         .safetensors (TEXTTOK=DIR: its BPE, default the run's / the shipped;
+#                                         TOPK=K, TOPP=P: sample with these instead of the model's settings)
 #
 # Runs go to exp/sMMDD/NET (RUN=DIR for another); a run directory that exists is RESUMED, checkpoint, step and
 # learning-rate schedule included (a second session on the same day and machine needs RUN=...).
@@ -115,15 +116,15 @@ for line in sys.stdin:
     run=${RUN:-exp/s$(date +%m%d)}
     mkdir -p logs "$run"
     # launch NET ARGS...: one background trainer of NET, warm-started from the shipped weights, 1 thread,
-    # for $minutes of training, into $run/NET, logging to logs/NET_MMDD.log
+    # for $minutes of training, into $run/NET, logging to logs/NET_RUN.log (two arms on one day keep apart)
     launch() {
       local net=$1
       shift
       nohup $python -m "cosyvoice2.train.$net" --config "recipes/conf_cpu/$net.toml" \
         --set "train.out_dir=\"$run/$net\"" --set 'train.device="cpu"' \
         --set "train.init_from=\"$M/$net.safetensors\"" --set "train.max_minutes=$minutes" \
-        --set train.max_steps=1000000 "$@" >> "logs/${net}_$(date +%m%d).log" 2>&1 &
-      echo "$net started (pid $!): $run/$net, log logs/${net}_$(date +%m%d).log"
+        --set train.max_steps=1000000 "$@" >> "logs/${net}_$(basename "$run").log" 2>&1 &
+      echo "$net started (pid $!): $run/$net, log logs/${net}_$(basename "$run").log"
     }
     if [ "$cmd" = train ]; then
       snap=${2:-cb}
@@ -218,6 +219,7 @@ for lang in ('en', 'zh'):
     # shellcheck disable=SC2086
     $python -m cosyvoice2.train.probe lm --run "$lm" ${tok:+--text-tokenizer "$tok"} --corpus recipes/lm_data \
       --cache recipes/lm_data --reader "$M/phoneme_reader.safetensors" --threads "${THREADS:-1}" --utts $ids \
+      ${TOPK:+--top-k "$TOPK"} ${TOPP:+--top-p "$TOPP"} \
       | tee "${RAW:-/dev/null}" | $python -c "
 import json, sys
 rows = [json.loads(l) for l in sys.stdin]

@@ -163,10 +163,18 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
 
 
 def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    import dataclasses
+
     from ..text import TextTokenizer
     from .lm import text_alignment, text_gain
 
     net = network_from_run("lm", args.run)
+    if args.top_k is not None or args.top_p is not None:  # a sampling sweep without re-exporting the model
+        net.cfg = dataclasses.replace(
+            net.cfg,
+            top_k=net.cfg.top_k if args.top_k is None else args.top_k,
+            top_p=net.cfg.top_p if args.top_p is None else args.top_p,
+        )
     run = Path(args.run)
     tok_dir = (
         Path(args.text_tokenizer) if args.text_tokenizer else (run if run.is_dir() else run.parent.parent)
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens and tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled",
     )
     ap.add_argument("--seed", type=int, default=0, help="lm probe: sampling seed")
+    ap.add_argument("--top-k", type=int, default=None, help="lm probe: sampling top_k (default: model.s)")
+    ap.add_argument("--top-p", type=float, default=None, help="lm probe: sampling top_p (default: model.s)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", default="", help="write each probe's audio here as <id>.wav")
     args = ap.parse_args(argv)
