@@ -199,6 +199,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from . import evaluate as ev
+
+    base, other = ev.load_report(args.base), ev.load_report(args.other)
+    result = ev.compare_reports(
+        base,
+        other,
+        n_boot=args.boot,
+        seed=args.seed,
+        budget_error=args.budget_error,
+        budget_similarity=args.budget_similarity,
+    )
+    result["files"] = {"base": str(Path(args.base).resolve()), "other": str(Path(args.other).resolve())}
+    print(ev.format_comparison(result))
+    if args.output:
+        try:
+            path = ev.write_report(args.output, result)
+        except OSError as e:
+            raise CosyVoiceError(f"cannot write {args.output}: {e}") from None
+        print(f"wrote {path}")
+    return 0
+
+
 def _autoscale(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
@@ -367,6 +390,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare",
+        help="paired comparison of two eval reports: the quality cost of a setting, with an interval",
+        description="Match the items of two `cosyvoice2 eval` reports (same sentences, seeds, voices and "
+        "prompts) and give, per condition and language, OTHER's error rate minus BASE's and, per "
+        "condition, its speaker similarity minus BASE's, each with a 95 % paired bootstrap interval and "
+        "a verdict against the budget: within, over, or undecided (more sentences needed).",
+    )
+    p.add_argument("base", help="the reference run's report, e.g. --compute exact")
+    p.add_argument("other", help="the run to judge, e.g. --compute fast")
+    p.add_argument(
+        "--budget-error", type=float, default=0.01, help="allowed error-rate increase (0.01: 1 point)"
+    )
+    p.add_argument(
+        "--budget-similarity", type=float, default=0.01, help="allowed speaker-similarity drop (0.01)"
+    )
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("-o", "--output", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("speakers", help="list built-in speakers")
     _add_model_args(p)

@@ -30,6 +30,10 @@ Error rates are corpus-level: the sum of edits (substitutions + deletions + inse
 reference units. The text normalisers (``normalize_en``, ``normalize_zh``) are deliberately simple and
 are applied to reference and hypothesis alike; see their docstrings.
 
+``cosyvoice2 compare BASE.json OTHER.json`` pairs the items of two reports (``compare_reports``) and gives
+each error rate's and similarity's difference with a 95 % paired bootstrap interval and a verdict against
+a budget (1 point, 0.01): the quality cost of a speed setting, read with its uncertainty.
+
 Cache: ``$COSYVOICE2_CACHE``, else ``$XDG_CACHE_HOME/cosyvoice2``, else ``~/.cache/cosyvoice2``.
 
 The report (JSON, format "cosyvoice2.eval", version 1), top-level keys:
@@ -1102,6 +1106,353 @@ def model_info(tts, path: str | Path | None, options: dict[str, Any]) -> dict[st
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# 6. Comparing two reports (``cosyvoice2 compare``): the cost of a speed setting, with an interval
+# --------------------------------------------------------------------------------------------------
+
+COMPARE_FORMAT = "cosyvoice2.eval-compare"
+COMPARE_VERSION = 1
+COMPARE_CONFIDENCE = 0.95
+BUDGET_ERROR = 0.01  # issue: "within 1 point of WER/CER"
+BUDGET_SIMILARITY = 0.01  # issue: "speaker similarity within 0.01"
+VERDICT_WITHIN = "within budget"
+VERDICT_OVER = "over budget"
+VERDICT_UNDECIDED = "undecided: more sentences needed"
+_COUNT_FIELDS = ("ref_units", "substitutions", "deletions", "insertions")
+_ITEM_FIELDS = ("condition", "language", "text", *_COUNT_FIELDS)
+
+ItemKey = tuple[Any, ...]
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read an eval report written by ``cosyvoice2 eval``; InputError (one line) when it is not one."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"eval report not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read eval report {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not JSON ({e}): expected a report of cosyvoice2 eval") from None
+    check_report(report, str(path))
+    return report
+
+
+def check_report(report: Any, name: str) -> None:
+    """Raise InputError unless ``report`` looks like an eval report whose items can be compared."""
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise InputError(f'{name} is not a cosyvoice2 eval report (no "format": "{REPORT_FORMAT}")')
+    if report.get("version") != REPORT_VERSION:
+        raise InputError(
+            f"{name} is an eval report of version {report.get('version')!r}; this cosyvoice2 reads "
+            f"version {REPORT_VERSION}"
+        )
+    items = report.get("items")
+    if not isinstance(items, list):
+        raise InputError(f'{name} has no "items" list: is it a complete eval report?')
+    for i, item in enumerate(items):
+        missing = [f for f in _ITEM_FIELDS if not isinstance(item, dict) or f not in item]
+        if missing:
+            raise InputError(f"{name}: item {i} lacks {', '.join(missing)}")
+        counts = [item[f] for f in _COUNT_FIELDS]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise InputError(f"{name}: item {i} has edit counts that are not whole numbers >= 0: {counts}")
+        sim = item.get("speaker_similarity")
+        if sim is not None and (not isinstance(sim, int | float) or isinstance(sim, bool)):
+            raise InputError(f"{name}: item {i} has a speaker_similarity that is not a number: {sim!r}")
+
+
+def _item_key(item: dict[str, Any]) -> ItemKey:
+    """What makes an item the same utterance in two runs: the sentence, seed, voice or prompt. The scored
+    corpus utterance (teacher, resynth) is part of it too, so two teacher readings never pair up."""
+    prompt = item.get("prompt") or {}
+    utterance = item.get("utterance") or {}
+    return (
+        item["condition"],
+        item["language"],
+        item["text"],
+        item.get("seed"),
+        item.get("voice"),
+        prompt.get("id"),
+        utterance.get("id"),
+    )
+
+
+def _keyed(items: list[dict[str, Any]]) -> dict[ItemKey, dict[str, Any]]:
+    """Items by key; a repeated key gets its occurrence number, so repeats pair up in order, not drop."""
+    out: dict[ItemKey, dict[str, Any]] = {}
+    seen: dict[ItemKey, int] = {}
+    for item in items:
+        key = _item_key(item)
+        seen[key] = seen.get(key, 0) + 1
+        out[(*key, seen[key])] = item
+    return out
+
+
+def _condition_order(conditions: Iterable[str]) -> list[str]:
+    known = [c for c in CONDITIONS if c in conditions]
+    return known + sorted(set(conditions) - set(CONDITIONS))
+
+
+def _percentile_interval(draws: np.ndarray) -> tuple[float | None, float | None]:
+    """The central COMPARE_CONFIDENCE interval of bootstrap draws (NaN draws: resamples without units)."""
+    if np.all(np.isnan(draws)):
+        return None, None
+    tail = 100 * (1 - COMPARE_CONFIDENCE) / 2
+    lo, hi = np.nanpercentile(draws, [tail, 100 - tail])
+    return _round(lo), _round(hi)
+
+
+def _resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    # One generator per row from the same seed: a row's interval does not depend on which other
+    # conditions the reports hold, so the same two runs always print the same interval for it.
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _corpus_rates(edits: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Corpus-level error rate of each resample (rows of gathered items), NaN where it has no units."""
+    total_units = units.sum(axis=-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total_units > 0, edits.sum(axis=-1) / total_units, np.nan)
+
+
+def _verdict(cost_lo: float | None, cost_hi: float | None, budget: float, n: int) -> str:
+    """Against a budget on the cost (how much worse ``other`` is): within when the whole interval is at
+    or under it, over when the whole interval is above it. One pair has no spread to bootstrap, so its
+    zero-width interval decides nothing."""
+    if n < 2 or cost_lo is None or cost_hi is None:
+        return VERDICT_UNDECIDED
+    if cost_hi <= budget + 1e-12:
+        return VERDICT_WITHIN
+    if cost_lo > budget + 1e-12:
+        return VERDICT_OVER
+    return VERDICT_UNDECIDED
+
+
+def _edit_arrays(items: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    edits = np.array([it["substitutions"] + it["deletions"] + it["insertions"] for it in items], np.int64)
+    return edits, np.array([it["ref_units"] for it in items], np.int64)
+
+
+def _compare_error_rate(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]], n_boot: int, seed: int, budget: float
+) -> dict[str, Any]:
+    """Corpus-level error rates of matched items and the paired bootstrap interval of their difference.
+
+    Each reference unit count comes from its own report, so a normaliser that differs between the two
+    machines (OpenCC or cn2an missing on one) still gives each report's rate as ``summarize`` has it."""
+    base_edits, base_units = _edit_arrays([b for b, _ in pairs])
+    other_edits, other_units = _edit_arrays([o for _, o in pairs])
+    base = _corpus_rates(base_edits, base_units)
+    other = _corpus_rates(other_edits, other_units)
+    delta = None if np.isnan(base) or np.isnan(other) else float(other - base)
+    # The same resampled sentences for both runs: the sentences' own difficulty cancels in the delta.
+    idx = _resample_indices(len(pairs), n_boot, seed)
+    draws_other = _corpus_rates(other_edits[idx], other_units[idx])
+    lo, hi = _percentile_interval(draws_other - _corpus_rates(base_edits[idx], base_units[idx]))
+    return {
+        "n": len(pairs),
+        "base": None if np.isnan(base) else _round(base),
+        "other": None if np.isnan(other) else _round(other),
+        "delta": _round(delta),
+        "ci": [lo, hi],
+        "verdict": _verdict(lo, hi, budget, len(pairs)),
+    }
+
+
+def _compare_similarity(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]], n_boot: int, seed: int, budget: float
+) -> dict[str, Any]:
+    """Mean speaker similarity of matched items with a similarity in both, and the paired bootstrap
+    interval of the difference of means. Only a drop counts against the budget."""
+    base = np.array([b["speaker_similarity"] for b, _ in pairs], np.float64)
+    other = np.array([o["speaker_similarity"] for _, o in pairs], np.float64)
+    idx = _resample_indices(len(pairs), n_boot, seed)
+    lo, hi = _percentile_interval(other[idx].mean(axis=1) - base[idx].mean(axis=1))
+    cost_lo, cost_hi = (None, None) if lo is None or hi is None else (-hi, -lo)
+    return {
+        "n": len(pairs),
+        "base": _round(base.mean()),
+        "other": _round(other.mean()),
+        "delta": _round(other.mean() - base.mean()),
+        "ci": [lo, hi],
+        "verdict": _verdict(cost_lo, cost_hi, budget, len(pairs)),
+    }
+
+
+def _describe(report: dict[str, Any]) -> dict[str, Any]:
+    """Enough of a report's header to say which run it was (the compute plan's reasons left out)."""
+    model = report.get("model") or {}
+    options = dict(model.get("options") or {})
+    plan = options.pop("plan", None) or {}
+    keep = ("compute", "cpu_kind", "lm", "flow", "vocoder", "flow_steps")
+    return {
+        "created": report.get("created"),
+        "model": model.get("path"),
+        "options": options,
+        "plan": {k: plan[k] for k in keep if k in plan},
+        "machine": (report.get("machine") or {}).get("processor"),
+    }
+
+
+def _unmatched(base: dict[ItemKey, dict[str, Any]], other: dict[ItemKey, dict[str, Any]]) -> dict[str, Any]:
+    """Items present in one report only, counted per condition (a condition run in one report only, a
+    sentence that changed): they are left out of every row, and said so."""
+    only_base = [k for k in base if k not in other]
+    only_other = [k for k in other if k not in base]
+    by_condition: dict[str, dict[str, int]] = {}
+    for side, keys in (("base", only_base), ("other", only_other)):
+        for key in keys:
+            counts = by_condition.setdefault(key[0], {"base": 0, "other": 0})
+            counts[side] += 1
+    order = _condition_order(by_condition)
+    return {
+        "base": len(only_base),
+        "other": len(only_other),
+        "by_condition": {c: by_condition[c] for c in order},
+    }
+
+
+def compare_reports(
+    base: dict[str, Any],
+    other: dict[str, Any],
+    n_boot: int = 2000,
+    seed: int = 0,
+    budget_error: float = BUDGET_ERROR,
+    budget_similarity: float = BUDGET_SIMILARITY,
+) -> dict[str, Any]:
+    """Paired comparison of two eval reports: how much worse ``other`` (e.g. ``--compute fast``) is than
+    ``base`` (``--compute exact``), with a 95 % paired bootstrap interval, judged against a budget.
+
+    Items are matched by condition, language, sentence, seed, voice, prompt id and scored corpus
+    utterance, in any order; every condition present in both reports is compared. Per (condition,
+    language): the corpus-level error rate of each over the matched items (edits over reference units,
+    as ``summarize``), ``delta`` = other - base, and the percentile interval of the delta over ``n_boot``
+    resamples of the matched items with replacement (the same items for both runs: that pairing removes
+    the sentences' own difficulty from the spread). Per condition with speaker similarity: the mean of
+    each over items with it in both, the delta and its interval.
+
+    Verdicts: "within budget" when the interval's upper end is <= ``budget_error`` (similarity: its lower
+    end >= -``budget_similarity``), "over budget" when its lower end is above the budget (similarity: its
+    upper end < -budget), else "undecided: more sentences needed". The interval covers the choice of
+    sentences (and the sampling each seed makes), not the ASR's or the machine's own variation; with few
+    sentences a percentile bootstrap is somewhat too narrow, so treat a verdict from 8 sentences as weaker
+    than 95 %. Items in one report only are counted under ``unmatched``.
+    """
+    check_report(base, "base")
+    check_report(other, "other")
+    if n_boot < 1:
+        raise InputError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
+    if seed < 0:
+        raise InputError(f"the bootstrap seed must be >= 0, got {seed}")
+    if budget_error < 0 or budget_similarity < 0:
+        raise InputError("budgets are how much worse is allowed: give them as numbers >= 0")
+    base_items, other_items = _keyed(base["items"]), _keyed(other["items"])
+    matched = [(base_items[k], other_items[k]) for k in base_items if k in other_items]
+    if not matched:
+        raise InputError(
+            "the two eval reports have no item in common (same condition, language, sentence, seed, "
+            "voice and prompt): were they run on the same corpus with the same --seed and --max-sentences?"
+        )
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for b, o in matched:
+        groups.setdefault((b["condition"], b["language"]), []).append((b, o))
+    error_rows = []
+    for cond in _condition_order({c for c, _ in groups}):
+        for lang in sorted(lang for c, lang in groups if c == cond):
+            row = _compare_error_rate(groups[cond, lang], n_boot, seed, budget_error)
+            error_rows.append({"condition": cond, "language": lang, "metric": metric_name(lang), **row})
+    similarity_rows = []
+    for cond in _condition_order({c for c, _ in groups}):
+        pairs = [
+            (b, o)
+            for b, o in matched
+            if b["condition"] == cond
+            and b.get("speaker_similarity") is not None
+            and o.get("speaker_similarity") is not None
+        ]
+        if pairs:
+            row = _compare_similarity(pairs, n_boot, seed, budget_similarity)
+            similarity_rows.append({"condition": cond, **row})
+    return {
+        "format": COMPARE_FORMAT,
+        "version": COMPARE_VERSION,
+        "base": _describe(base),
+        "other": _describe(other),
+        "settings": {
+            "method": "paired percentile bootstrap over matched items",
+            "confidence": COMPARE_CONFIDENCE,
+            "n_boot": n_boot,
+            "seed": seed,
+            "budget_error": budget_error,
+            "budget_similarity": budget_similarity,
+        },
+        "matched": len(matched),
+        "error_rate": error_rows,
+        "speaker_similarity": similarity_rows,
+        "unmatched": _unmatched(base_items, other_items),
+    }
+
+
+def _points(x: float | None, signed: bool = False) -> str:
+    """A rate as percent points (the unit the budget is stated in)."""
+    if x is None:
+        return "-"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _similarity(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _run_line(name: str, d: dict[str, Any]) -> str:
+    plan = d.get("plan") or {}
+    compute = (d.get("options") or {}).get("compute") or plan.get("compute") or "?"
+    detail = ", ".join(f"{k} {plan[k]}" for k in ("lm", "flow") if plan.get(k))
+    where = f" on {plan['cpu_kind']}" if plan.get("cpu_kind") else ""
+    return f"{name:5s} {d.get('model') or '?'} ({d.get('created') or '?'}): compute {compute}{where}" + (
+        f" ({detail})" if detail else ""
+    )
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """A few lines for the terminal: per row base -> other, delta [interval] and the verdict."""
+    s = result["settings"]
+    files = result.get("files") or {}
+    lines = [
+        _run_line("base", result["base"]) + (f" [{files['base']}]" if files.get("base") else ""),
+        _run_line("other", result["other"]) + (f" [{files['other']}]" if files.get("other") else ""),
+        f"{round(100 * s['confidence'])} % paired bootstrap intervals ({s['n_boot']} resamples, seed "
+        f"{s['seed']}); budget: error rate +{_points(s['budget_error'])} points, similarity "
+        f"-{s['budget_similarity']:.3f}",
+    ]
+    for r in result["error_rate"]:
+        lo, hi = r["ci"]
+        lines.append(
+            f"{r['condition']:18s} {r['language']} {r['metric'].upper()} {_points(r['base'])}% -> "
+            f"{_points(r['other'])}%, delta {_points(r['delta'], True)} points "
+            f"[{_points(lo, True)}, {_points(hi, True)}] (n={r['n']}): {r['verdict']}"
+        )
+    for r in result["speaker_similarity"]:
+        lo, hi = r["ci"]
+        lines.append(
+            f"{r['condition']:18s} similarity {_similarity(r['base'])} -> {_similarity(r['other'])}, "
+            f"delta {_similarity(r['delta'], True)} [{_similarity(lo, True)}, {_similarity(hi, True)}] "
+            f"(n={r['n']}): {r['verdict']}"
+        )
+    u = result["unmatched"]
+    if u["base"] or u["other"]:
+        where = ", ".join(f"{c} {n['base']}/{n['other']}" for c, n in u["by_condition"].items())
+        lines.append(
+            f"unmatched (left out): {u['base']} items only in base, {u['other']} only in other "
+            f"(base/other: {where})"
+        )
+    return "\n".join(lines)
+
+
 __all__ = [
     "ASR",
     "ErrorCount",
@@ -1112,8 +1463,13 @@ __all__ = [
     "WhisperASR",
     "align",
     "cache_root",
+    "check_report",
+    "compare_reports",
     "error_count",
     "evaluate",
+    "format_comparison",
+    "format_summary",
+    "load_report",
     "make_plan",
     "normalize",
     "normalize_en",
