@@ -15,8 +15,9 @@
   - the flow estimator runs [frames, 256] x [256, 1024]-sized GEMMs: compute bound. With native bf16
     (AVX512_BF16 or AMX) bf16 beats int8 there: one estimator ODE step over 206 frames (full size, 1
     thread) took 1.65 s fp32, 0.69 s int8, 0.60 s bf16 (autocast), at a mel deviation no larger than
-    int8's. Without native bf16, bf16 is emulated and ~10x slower than fp32 (AVX2-only EPYC), so int8
-    (measured 15-30 % faster than fp32 on the AVX2 EPYC, ~2.4x with VNNI).
+    int8's. Without native bf16, bf16 is emulated and slower than fp32 (~10x on an AVX2-only EPYC; 2.1x
+    for a 56-frame ODE step on an AVX-512 + VNNI Xeon, 1613 vs 764 ms), so int8 (measured 15-30 % faster
+    than fp32 on the AVX2 EPYC, ~2.4x with VNNI on the AVX512_BF16 EPYC, 2.05x on that Xeon: 373 ms).
   - the vocoder (HiFT, ~10 % of the time) stays float32: not measured yet.
 
 Fewer ODE steps (``flow_steps``, ``first_chunk_steps``) and guidance on part of the steps (``cfg_steps``)
@@ -208,7 +209,8 @@ def plan(compute: str = "exact", cpu: CpuFeatures | None = None) -> ComputePlan:
     elif cpu.int8_kernels:
         flow = "int8"
         why = "VNNI int8 GEMMs" if cpu.vnni else "AVX2 int8 GEMMs (1.15-1.3x fp32)"
-        reasons["flow"] = f"compute-bound estimator, no native bf16 (emulated bf16 is ~10x slower): {why}"
+        slow = "emulated bf16 measured 2x (AVX-512) to 10x (AVX2) slower than fp32"
+        reasons["flow"] = f"compute-bound estimator, no native bf16 ({slow}): {why}"
     else:
         flow = "fp32"
         reasons["flow"] = "no native bf16 and no int8 kernels on this CPU"
