@@ -1199,3 +1199,31 @@ def test_speaker_means_of_several_corpora_share_one_cache(tmp_path):
     after = FeatureCache(cache, "speakers").load()
     assert sorted(before) == ["spk_a", "spk_b"] and sorted(after) == ["spk_a", "spk_b", "spk_c"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_network_from_run_averages_runs_joined_by_plus(tmp_path):
+    """``A+B`` (export --lm, probe --run) loads the uniform weight average of both networks ("model soup"),
+    and networks of another shape are refused with a clear error, not averaged."""
+    from cosyvoice2.default_model import save_network
+    from cosyvoice2.errors import ModelLoadError
+    from cosyvoice2.train.export import network_from_run
+
+    def tiny(hidden: int) -> LMConfig:
+        return LMConfig(
+            vocab_size=40, hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+            intermediate_size=32, speech_token_size=30, mix_ratio=(2, 6),
+        )  # fmt: skip
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(save_network(tmp_path / f"lm{seed}.safetensors", CosyVoice2LM(tiny(16)), kind="lm"))
+    a, b = (network_from_run("lm", p).state_dict() for p in paths)
+    soup = network_from_run("lm", f"{paths[0]}+{paths[1]}").state_dict()
+    assert set(soup) == set(a)
+    for key in a:
+        assert torch.allclose(soup[key], (a[key] + b[key]) / 2, atol=1e-6), key
+    torch.manual_seed(2)
+    other = save_network(tmp_path / "wide.safetensors", CosyVoice2LM(tiny(24)), kind="lm")
+    with pytest.raises(ModelLoadError, match="cannot average"):
+        network_from_run("lm", f"{paths[0]}+{other}")

@@ -51,9 +51,13 @@ def _classes(kind: str):
 
 
 def network_from_run(kind: str, run: str | Path) -> nn.Module:
-    """The trained network of a run: a run directory, a checkpoint ``.pt`` or a network ``.safetensors``."""
-    cfg_cls, model_cls = _classes(kind)
+    """The trained network of a run: a run directory, a checkpoint ``.pt`` or a network ``.safetensors``;
+    ``A+B+...`` (several of those, none of which exists under the joined name): the uniform average of
+    their weights (``average_networks``)."""
     path = Path(run)
+    if "+" in str(run) and not path.exists():
+        return average_networks([network_from_run(kind, part) for part in str(run).split("+")])
+    cfg_cls, model_cls = _classes(kind)
     if path.suffix == ".safetensors":
         return load_network(path, model_cls, cfg_cls)
     ckpt_path = path if path.is_file() else latest_checkpoint(path)
@@ -72,6 +76,33 @@ def network_from_run(kind: str, run: str | Path) -> nn.Module:
     else:
         model.load_state_dict(state)
     return model.eval()
+
+
+def average_networks(nets: list[nn.Module]) -> nn.Module:
+    """The first network with every floating-point tensor replaced by the mean over ``nets``.
+
+    Why: arms fine-tuned for the same minutes from the same shipped weights (e.g. two LM input-noise
+    settings) stay in one basin, where their average (a "model soup") can beat either; it is ranked like
+    any other candidate before it ships. Integer buffers must agree; shapes and keys must match.
+    """
+    if not nets:
+        raise ModelLoadError("nothing to average")
+    states = [n.state_dict() for n in nets]
+    out = {}
+    for key, first in states[0].items():
+        tensors = [st.get(key) for st in states]
+        if any(t is None or t.shape != first.shape for t in tensors):
+            raise ModelLoadError(f"cannot average: {key!r} is missing or has another shape in one network")
+        if first.is_floating_point():
+            out[key] = torch.stack([t.float() for t in tensors]).mean(0).to(first.dtype)
+        elif all(torch.equal(t, first) for t in tensors):
+            out[key] = first
+        else:
+            raise ModelLoadError(f"cannot average: integer tensor {key!r} differs between networks")
+    if any(set(st) != set(states[0]) for st in states):
+        raise ModelLoadError("cannot average: the networks have different tensors")
+    nets[0].load_state_dict(out)
+    return nets[0].eval()
 
 
 def speaker_prompts(
