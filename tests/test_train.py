@@ -244,6 +244,24 @@ def test_time_budget_drives_the_schedule_and_the_stop():
     assert Budget(TrainConfig(max_steps=10)).progress(5) == 0.5  # no time limit: steps alone
 
 
+def test_cpu_bf16_autocast_is_opt_in():
+    """``train.cpu_bf16``: CPU steps stay float32 unless asked (bf16 is emulated, and slower, on CPUs
+    without AVX512_BF16 / AMX); asked, the matmuls of the forward run in bf16 and the gradients of the
+    float32 parameters stay float32."""
+    from cosyvoice2.train.common import TrainConfig, autocast
+
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    cpu = torch.device("cpu")
+    with autocast(TrainConfig(), cpu):
+        assert lin(x).dtype == torch.float32
+    with autocast(TrainConfig(cpu_bf16=True), cpu):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32
+
+
 def test_mel_codes_roundtrip():
     from cosyvoice2.train.flow import MEL_CODE_STEP, dequantize_mel, quantize_mel
 

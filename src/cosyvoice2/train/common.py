@@ -2,7 +2,7 @@
 
 The loop (``fit``) is deliberately plain, in the spirit of nanoGPT's ``train.py``: an LR schedule that is
 a function of the step, explicit gradient accumulation (``no_sync`` on all but the last micro-batch),
-gradient clipping, bf16 autocast on GPUs only, a JSON Lines log and a tqdm bar on rank 0.
+gradient clipping, bf16 autocast (GPUs; CPUs with native bf16 by choice), a JSON Lines log and a tqdm bar on rank 0.
 
 A recipe hands ``fit`` a ``Task``: an *objective* module whose ``forward(batch)`` returns a dict with a
 scalar ``"loss"`` (plus any scalar metrics to log), the dataset, per-item lengths for bucketing and a
@@ -83,7 +83,10 @@ class TrainConfig:
     min_seconds: float = 0.5
     max_seconds: float = 20.0
     num_workers: int = 2
-    bf16: bool = True  # autocast on CUDA only; CPU always trains in float32
+    bf16: bool = True  # autocast on CUDA
+    # bf16 autocast on CPU too: only where the CPU has native bf16 (AVX512_BF16 or AMX); elsewhere bf16 is
+    # emulated and slower than float32 (bench/README.md). Off by default: CPU trains in float32.
+    cpu_bf16: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: no dev evaluation
     eval_batches: int = 20
@@ -500,6 +503,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def autocast(cfg: TrainConfig, device: torch.device):
     if device.type == "cuda" and cfg.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
