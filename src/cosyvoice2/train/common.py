@@ -2,7 +2,8 @@
 
 The loop (``fit``) is deliberately plain, in the spirit of nanoGPT's ``train.py``: an LR schedule that is
 a function of the step, explicit gradient accumulation (``no_sync`` on all but the last micro-batch),
-gradient clipping, bf16 autocast (GPUs; CPUs with native bf16 by choice), a JSON Lines log and a tqdm bar on rank 0.
+gradient clipping, bf16 autocast (GPUs; CPUs with native bf16 if asked), a JSON Lines log and a tqdm
+bar on rank 0.
 
 A recipe hands ``fit`` a ``Task``: an *objective* module whose ``forward(batch)`` returns a dict with a
 scalar ``"loss"`` (plus any scalar metrics to log), the dataset, per-item lengths for bucketing and a
