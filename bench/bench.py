@@ -65,6 +65,7 @@ VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (
     # fast + a 4-step first chunk (FlowConfig.first_chunk_steps): what the first packet would be if the
     # sampler lever joined fast; later chunks stay exact (bench/README "Flow sampler levers")
     "fast-first4": ("fast", {"first_chunk_steps": 4}),
+    "fast-first3": ("fast", {"first_chunk_steps": 3}),
     "int8": ("exact", {"lm_quant": "int8", "flow_quant": "int8"}),
     "bf16": ("exact", {"lm_quant": "bf16", "flow_quant": "bf16"}),
     "int8-steps5": ("exact", {"lm_quant": "int8", "flow_quant": "int8", "flow_steps": 5}),
