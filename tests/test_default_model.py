@@ -73,7 +73,9 @@ def test_stream_equals_offline_on_same_seed(tts):
     # the vocoder's f0 and so the phase of everything after it: waveform correlation measures that phase
     # drift more than what is heard (the build-3 model scores 0.93 on this sentence and 0.78 on another).
     # So the comparison is on log-mel spectrograms of the two waveforms, with a stated tolerance: mean
-    # |delta| <= 0.25 (a different render of the same text is ~2) and correlation >= 0.98.
+    # |delta| <= 0.35 (a different render of the same text is ~2) and correlation >= 0.975. Over seeds 0-5
+    # of this sentence the gap spans 0.09-0.32 (correlation >= 0.979) with build 8's networks and
+    # 0.08-0.31 (>= 0.986) with build 9's LM (2026-12-06): the chunk masks' effect depends on the tokens.
     text = "The quick brown fox jumps over the lazy dog."
     offline = _audio(tts.synthesize(text, seed=3))
     chunks = [_audio(c) for c in tts.stream(text, seed=3, schedule="official")]
@@ -84,7 +86,7 @@ def test_stream_equals_offline_on_same_seed(tts):
     m_off, m_str = (prompt_mel(torch.from_numpy(x[:n].astype(np.float32))[None]) for x in (offline, streamed))
     gap = float((m_off - m_str).abs().mean())
     corr = float(np.corrcoef(m_off.flatten().numpy(), m_str.flatten().numpy())[0, 1])
-    assert gap <= 0.25 and corr >= 0.98, (gap, corr)
+    assert gap <= 0.35 and corr >= 0.975, (gap, corr)
 
 
 def test_cli_speaks_without_model_argument(tmp_path):
