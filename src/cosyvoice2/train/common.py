@@ -86,7 +86,8 @@ class TrainConfig:
     num_workers: int = 2
     bf16: bool = True  # autocast on CUDA
     # bf16 autocast on CPU too: only where the CPU has native bf16 (AVX512_BF16 or AMX); elsewhere bf16 is
-    # emulated and slower than float32 (bench/README.md). Off by default: CPU trains in float32.
+    # emulated and slower than float32 (bench/README.md). Measured for the LM only (recipes/README.md). Off by
+    # default: CPU trains in float32.
     cpu_bf16: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: no dev evaluation
