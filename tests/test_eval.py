@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,101 @@ def test_speaker_similarity(speaker_encoder, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# The loop guard (Whisper's compression-ratio fallback), with a scripted fake ASR
+# --------------------------------------------------------------------------------------------------
+
+LOOP = "9, 10" + ", 10" * 60  # the kind of transcript a looping Whisper writes for a 5-second utterance
+
+
+def test_compression_ratio():
+    data = LOOP.encode()
+    assert ev.compression_ratio(LOOP) == len(data) / len(zlib.compress(data)) > 10
+    assert ev.compression_ratio("") == 0.0
+    for ordinary in (
+        "Why would anyone want to be called Later? She doesn't ring, they applaud the alarm clock.",
+        "民之訛言，亦孔之將。我们一起去公园，然后在湖边散步，看看那些美丽的花朵和树木。",
+    ):
+        assert 0.5 < ev.compression_ratio(ordinary) < ev.COMPRESSION_RATIO_THRESHOLD
+    assert ev.compression_ratio("的" * 40) > ev.COMPRESSION_RATIO_THRESHOLD  # multi-byte text loops too
+
+
+class ScriptedASR:
+    """Plain transcripts in call order; the loop guard's redo answers ``redo`` and is counted."""
+
+    def __init__(self, plain: list[str], redo: str) -> None:
+        self.plain, self.redo, self.redos = list(plain), redo, 0
+
+    def transcribe(self, audio16k, language):
+        return self.plain.pop(0)
+
+    def transcribe_fallback(self, audio16k, language):
+        self.redos += 1
+        return self.redo
+
+    def info(self):
+        return {"engine": "scripted"}
+
+
+def test_guarded_transcript_only_above_threshold():
+    audio = np.ones(16000, np.float32)
+    asr = ScriptedASR([], redo="hello there")
+    assert ev.guarded_transcript(asr, audio, "en", "Hello there.") == ("Hello there.", False)
+    # either side of the threshold: "ab" * 14 and * 15 both compress to 12 bytes
+    under, over = "ab" * 14, "ab" * 15
+    assert ev.compression_ratio(under) == pytest.approx(28 / 12) and ev.compression_ratio(over) == 2.5
+    assert ev.guarded_transcript(asr, audio, "en", under) == (under, False) and asr.redos == 0
+    assert ev.guarded_transcript(asr, audio, "en", over) == ("hello there", True) and asr.redos == 1
+    assert ev.guarded_transcript(asr, audio, "en", LOOP) == ("hello there", True) and asr.redos == 2
+    assert ev.guarded_transcript(asr, audio[:0], "en", LOOP) == (LOOP, False)  # no audio, nothing to redo
+    # a recogniser without the guard (the FakeASR below): the guarded transcript is the plain one
+    assert ev.guarded_transcript(FakeASR(), audio, "en", LOOP) == (LOOP, False)
+    assert asr.redos == 2
+
+
+def test_guarded_scores_and_summary(tmp_path):
+    utts = {u.id: u for u in ev.read_manifest(write_corpus(tmp_path))}
+    items = [
+        ev.Item("teacher", "en", "Hello there.", 0, audio=utts["a-en-1"]),
+        ev.Item("teacher", "en", "Good night.", 0, audio=utts["y-en-1"]),
+        ev.Item("teacher", "zh", "今天天气很好。", 0, audio=utts["b-zh-1"]),
+    ]
+    loop = "Hello" + " there" * 41  # 40 inserted words
+    asr = ScriptedASR([loop, "Good night.", "今天天气很好"], redo="Hello their.")
+    results = ev.Evaluator(None, asr, None, progress=False).run(items)
+    assert asr.redos == 1  # only the looping transcript was decoded again
+    looped, clean, zh = results
+    assert (looped["hypothesis"], looped["insertions"], looped["error_rate"]) == (loop, 40, 20.0)
+    assert looped["hypothesis_guarded"] == "Hello their."
+    assert looped["guarded"]["redecoded"] is True and looped["guarded"]["compression_ratio"] > 2.4
+    g = looped["guarded"]
+    assert (g["substitutions"], g["deletions"], g["insertions"], g["error_rate"]) == (1, 0, 0, 0.5)
+    for r in (clean, zh):  # under the threshold: not redone, the guarded counts are the plain ones
+        assert "hypothesis_guarded" not in r and r["guarded"]["redecoded"] is False
+        assert [r["guarded"][k] for k in ("substitutions", "deletions", "insertions", "error_rate")] == [
+            r["substitutions"],
+            r["deletions"],
+            r["insertions"],
+            r["error_rate"],
+        ]
+    summary = ev.summarize(results)
+    en, cn = summary["teacher"]["languages"]["en"], summary["teacher"]["languages"]["zh"]
+    # corpus level over 4 English words: 40 edits plain (all inserted), 1 guarded, none missed
+    assert (en["error_rate"], en["miss_rate"]) == (10.0, 0)
+    assert (en["error_rate_guarded"], en["redecoded"]) == (0.25, 1)
+    assert (cn["error_rate"], cn["error_rate_guarded"], cn["redecoded"]) == (0, 0, 0)
+    text = ev.format_summary({"summary": summary, "targets": []})
+    assert "en WER 1000.0% (S+D 0.0%, loop-guarded 25.0%, 1 redecoded) (n=2)" in text
+    assert "zh CER 0.0% (S+D 0.0%) (n=1)" in text  # the same rate: shown once
+    # a report from before the loop guard: summarised and printed as before, the guarded rate not measured
+    old = [{k: v for k, v in r.items() if k not in ("guarded", "hypothesis_guarded")} for r in results]
+    old_en = ev.summarize(old)["teacher"]["languages"]["en"]
+    assert "error_rate_guarded" not in old_en and "redecoded" not in old_en and old_en["error_rate"] == 10.0
+    assert "en WER 1000.0% (S+D 0.0%) (n=2)" in ev.format_summary(
+        {"summary": ev.summarize(old), "targets": []}
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # The command, end to end (fixture model, fake ASR)
 # --------------------------------------------------------------------------------------------------
 
@@ -360,6 +456,12 @@ def test_eval_command(model_with_voice, speaker_encoder, tmp_path, monkeypatch, 
             expect.deletions,
             expect.insertions,
         )
+        # a fake without the loop guard: its guarded transcript is the plain one
+        assert r["guarded"]["redecoded"] is False and "hypothesis_guarded" not in r
+        assert r["guarded"]["insertions"] == r["insertions"] and r["guarded"]["error_rate"] == r["error_rate"]
+    for cond, s in summary.items():
+        for m in s["languages"].values():
+            assert m["error_rate_guarded"] == m["error_rate"] and m["redecoded"] == 0, cond
     names = [t["name"] for t in report["targets"]]
     assert {
         "en_wer_builtin",
@@ -417,3 +519,10 @@ def test_whisper_models(whisper, fixtures, tmp_path, monkeypatch):
     assert (
         info["models"]["en"]["model"] == "whisper-tiny.en" and info["models"]["zh"]["model"] == "whisper-base"
     )
+    # the loop guard: a looping plain transcript is decoded again by seeded sampling, to a text that is no
+    # loop; the same audio gives the same text again, however many sampled decodes came before
+    assert ev.guarded_transcript(asr, audio, "en", first) == (first, False)
+    guarded, redone = ev.guarded_transcript(asr, audio, "en", LOOP)
+    assert redone and guarded and ev.compression_ratio(guarded) <= ev.COMPRESSION_RATIO_THRESHOLD
+    assert asr.transcribe_fallback(audio, "en") == guarded
+    assert info["loop_guard"]["log_prob_threshold"] is None and "loop guard" in info["decoding"]

