@@ -17,6 +17,7 @@
 #                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer);
 #                                         LMUNITS=UNITS: the LM on a new BPE over those text units;
 #                                         NETS="lm" (or "flow"): only those; LMSET="k=v ...": extra --set for the LM
+#                                         (FLOWSET likewise for the flow, e.g. "train.lr=5e-4")
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
@@ -172,8 +173,10 @@ print(f'{len(keep)} held-out rows taken from {src}')"
           --set train.eval_every=200 "${extra[@]}"
       fi
       if [[ $nets == *" flow "* ]]; then
+        flowextra=()
+        for kv in ${FLOWSET:-}; do flowextra+=(--set "$kv"); done
         launch flow --set "train.corpus=\"data/$snap\"" --set "train.cache=\"${TOKCACHE:-exp/cache_big}\"" \
-          --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400
+          --set train.lr=1e-3 --set train.warmup_steps=100 --set train.eval_every=400 "${flowextra[@]}"
       fi
     else
       snap=${2:-cb5}
