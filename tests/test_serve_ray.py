@@ -291,7 +291,11 @@ def test_a_replica_killed_mid_stream(cluster, shared_voice):
         time.sleep(0.5)
     assert new and victim not in new, (before, new)
     served: set[str] = set()
-    for _ in range(8):
+    # Ray's router picks replicas by its own queue-length probes: a newcomer can go unpicked for a few
+    # rounds (seen in a clean-clone run: 8 rounds of 4 all went to the survivor), so rounds go on until a
+    # deadline.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda i: _speak(cluster, "Shared", i), range(4)))
         assert [s for s, _, _ in results] == [200] * 4, results
