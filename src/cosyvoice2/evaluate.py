@@ -1407,8 +1407,7 @@ def _missed(item: dict[str, Any]) -> int:
 
 
 def _guarded_edits(item: dict[str, Any]) -> int:
-    g = item["guarded"]
-    return g["substitutions"] + g["deletions"] + g["insertions"]
+    return _guarded_count(item).edits
 
 
 def _edit_arrays(items: list[dict[str, Any]], edits_of: EditsOf) -> tuple[np.ndarray, np.ndarray]:
