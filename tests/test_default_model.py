@@ -67,6 +67,29 @@ def test_zero_shot_from_prompt(tts, tmp_path):
     assert audio.size > 0 and np.isfinite(audio).all()
 
 
+def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
+    """The shipped model's built-in voices have English transcripts: for a Chinese text its LM starts
+    without them (cross-lingual), for English it continues from them; ``cross_lingual`` overrides both."""
+    from cosyvoice2.text import text_language
+
+    assert tts.models.prompt_language == "match"
+    voice = tts.resolve_voice(tts.speakers()[0])
+    assert text_language(voice.text) == "en" and voice.has_prompt
+    en = tts.synth._prompt(tts.request("Hello world.", voice=voice))
+    assert en.lm_text and en.lm_speech.numel() > 0
+    zh = tts.synth._prompt(tts.request("你好，世界。", voice=voice))
+    assert zh.lm_text == [] and zh.lm_speech.numel() == 0
+    assert torch.equal(zh.flow_tokens, en.flow_tokens)  # the flow keeps the voice's prompt
+    assert tts.synth._prompt(tts.request("你好，世界。", voice=voice, cross_lingual=False)).lm_text == en.lm_text
+    assert tts.synth._prompt(tts.request("Hello world.", voice=voice, cross_lingual=True)).lm_text == []
+    # a text still being written has no language yet: the LM continues from the transcript
+    assert tts.synth._prompt(tts.request(iter(["你好"]), voice=voice)).lm_text == en.lm_text
+    # no letters or characters to tell (digits only): continue
+    assert tts.synth._prompt(tts.request("123", voice=voice)).lm_text == en.lm_text
+    audio = _audio(tts.synthesize("你好，世界。", voice=voice, seed=0))
+    assert audio.size > 0 and np.isfinite(audio).all()
+
+
 def test_stream_equals_offline_on_same_seed(tts):
     # Same seed, same tokens: the official schedule's chunks concatenate to the offline audio. The flow's
     # chunk masks make them differ slightly, as in the official code, and a slightly different mel moves

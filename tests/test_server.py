@@ -414,6 +414,9 @@ def test_voice_library_crud_and_restart(tts, tmp_path):
         r = c.post("/v1/audio/speech", json=body)
         assert r.status_code == 200 and len(r.content) > 0
         first = r.content
+        # cross_lingual: the LM starts without the transcript, so the same seed says something else
+        r = c.post("/v1/audio/speech", json={**body, "cross_lingual": True})
+        assert r.status_code == 200 and len(r.content) > 0 and r.content != first
     assert (data_dir / "voices" / f"{voice['id']}.voice").is_file()
 
     with LiveServer(tts, data_dir=data_dir, max_active=2) as srv, srv.client() as c:  # restart
@@ -576,6 +579,7 @@ SPEECH_JSON_CASES = [
     {"input": "hi", "voice": "alloy", "seed": 1.5},
     {"input": "hi", "voice": "alloy", "seed": 2**70},
     {"input": "hi", "voice": "alloy", "stream": "yes"},
+    {"input": "hi", "voice": "alloy", "cross_lingual": "yes"},
     {"input": "hi", "voice": "alloy", "stream_format": "sse"},
     {"input": "hi", "voice": "alloy", "instruct": 5},
     {"input": "hi", "voice": "alloy", "instruct": "x" * 2000},

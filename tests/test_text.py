@@ -556,3 +556,16 @@ def test_streaming_emits_early_and_rejects_bad_input() -> None:
         normalizer.push(None)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="backend"):
         StreamingNormalizer(backend="bogus")  # type: ignore[arg-type]
+
+
+def test_text_language() -> None:
+    """By script: Chinese characters make "zh" (also mixed with Latin), Latin letters alone "en"; tags and
+    digits say nothing."""
+    from cosyvoice2.text import text_language
+
+    assert text_language("你好，世界。") == "zh"
+    assert text_language("他说 hello 了") == "zh"
+    assert text_language("Hello, world.") == "en"
+    assert text_language("[laughter]你好") == "zh"
+    assert text_language("[laughter] 123 <strong>!</strong>") is None
+    assert text_language("") is None

@@ -465,6 +465,34 @@ def test_guided_attention_loss(monkeypatch):
     assert "ga" not in out and torch.equal(out["loss"], out["loss"])
 
 
+def test_lm_prompt_partners():
+    """[lm] prompt_pairs: the chosen share of utterances get prompts of their own speaker and language, with
+    another text and a prompt-sized duration; the choice is fixed by the seed (batches are sized by it)."""
+    from cosyvoice2.train.data import Utt
+    from cosyvoice2.train.lm import prompt_partners
+
+    def utt(i, spk, lang, dur, text=None):
+        return Utt(f"u{i}", Path(f"u{i}.flac"), text or f"text {i}", lang, spk, dur, "train")
+
+    utts = [utt(i, f"s{i % 3}", "en" if i % 2 else "zh", 1.0 + (i % 7)) for i in range(300)]
+    utts.append(utt(300, "s0", "zh", 3.0, text=utts[0].text))  # same text as u0: never its prompt
+    assert prompt_partners(utts, 0.0, (2.0, 8.0), 0) == {}
+    half = prompt_partners(utts, 0.5, (2.0, 6.0), 0)
+    assert 110 < len(half) < 190 and half == prompt_partners(utts, 0.5, (2.0, 6.0), 0)
+    assert half != prompt_partners(utts, 0.5, (2.0, 6.0), 1)
+    by_id = {u.id: u for u in utts}
+    for uid, cands in half.items():
+        u = by_id[uid]
+        assert cands and all(
+            p.speaker == u.speaker and p.language == u.language and p.id != uid and p.text != u.text
+            and 2.0 <= p.duration <= 6.0
+            for p in cands
+        )  # fmt: skip
+    every = prompt_partners(utts, 1.0, (2.0, 6.0), 0)
+    assert len(every) == len(utts) and "u300" not in [p.id for p in every["u0"]]
+    assert prompt_partners([utt(0, "a", "en", 3.0), utt(1, "b", "en", 3.0)], 1.0, (2.0, 6.0), 0) == {}
+
+
 def test_lm_input_noise():
     """[lm] input_noise: speech inputs are partly replaced by random ids in training; targets never change,
     and dev (eval mode) sees the clean inputs."""
@@ -1029,7 +1057,9 @@ def _driver(tmp: Path, corpus: Path) -> None:
 
         # LM: 6 steps saving at 3, then a second run resumed from step 3 for one step
         lm_cfg = {k: v for k, v in config_to_dict(cfgs["lm"]).items() if k != "vocab_size"}
-        lm_toml = recipe("lm", lm_cfg, 6, {"lm": {"bpe_vocab_size": 300}}, save_every=3, keep_checkpoints=5)
+        # every spk_a utterance trains after another of spk_a (prompt_pairs), the zero-shot layout
+        lm_extra = {"lm": {"bpe_vocab_size": 300, "prompt_pairs": 1.0, "prompt_seconds": [1.0, 3.0]}}
+        lm_toml = recipe("lm", lm_cfg, 6, lm_extra, save_every=3, keep_checkpoints=5)
         lm.main(["--config", str(lm_toml)])
         lm.main(
             [

@@ -105,6 +105,7 @@ class CosyVoice2:
         text_frontend: bool = True,
         trace: RequestTrace | None = None,
         max_tokens: int | None = None,
+        cross_lingual: bool | None = None,
     ) -> Request:
         schedule = StreamSchedule.parse(schedule)
         if text is not None and not isinstance(text, str) and not isinstance(text, Iterable):
@@ -120,6 +121,7 @@ class CosyVoice2:
             text_frontend=text_frontend,
             trace=trace,
             max_tokens=max_tokens,
+            cross_lingual=cross_lingual,
         )
 
     def synthesize(
@@ -135,6 +137,7 @@ class CosyVoice2:
         trace: RequestTrace | None = None,
         cancel: CancelToken | None = None,
         max_tokens: int | None = None,
+        cross_lingual: bool | None = None,
     ) -> np.ndarray:
         """Text (any length; long texts are split into sentences) -> float32 audio [n].
 
@@ -144,10 +147,22 @@ class CosyVoice2:
         ``cancel``: cancelling it from another thread stops the work at once; the call then raises
         ``Cancelled``. ``max_tokens``: the most speech tokens (25 per second of speech) one sentence may
         take; past it the call raises ``cosyvoice2.errors.TooLong`` (None: no limit).
+        ``cross_lingual``: True, the LM starts without the voice's transcript (for a text in another
+        language); False, it continues from it (zero-shot); None, the model decides
+        (``cosyvoice2.synthesis``: the default model switches when the languages differ).
         """
         streamed = schedule is not None  # the fast path runs as a stream and joins its chunks
         req = self.request(
-            text, voice, instruct, speed, seed, streamed, schedule, trace=trace, max_tokens=max_tokens
+            text,
+            voice,
+            instruct,
+            speed,
+            seed,
+            streamed,
+            schedule,
+            trace=trace,
+            max_tokens=max_tokens,
+            cross_lingual=cross_lingual,
         )
         chunks = self.engine.run(req, cancel)
         if progress and not streamed and isinstance(text, str):
@@ -171,6 +186,7 @@ class CosyVoice2:
         trace: RequestTrace | None = None,
         cancel: CancelToken | None = None,
         max_tokens: int | None = None,
+        cross_lingual: bool | None = None,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as they are made. ``text`` may be an iterable of pieces still being written.
 
@@ -180,6 +196,8 @@ class CosyVoice2:
         from any thread, also while a chunk is being made (the iteration then ends). ``max_tokens``
         bounds the speech tokens of one flow pass (a sentence of a string, or all of a streamed text) and
         so the stream's flow state; past it the stream raises ``cosyvoice2.errors.TooLong``.
+        ``cross_lingual`` as in ``synthesize`` (None with a streamed text: the LM continues from the voice's
+        transcript, the text's language being unknown when it starts).
         """
         req = self.request(
             text,
@@ -192,6 +210,7 @@ class CosyVoice2:
             text_frontend=text_frontend,
             trace=trace,
             max_tokens=max_tokens,
+            cross_lingual=cross_lingual,
         )
         with contextlib.closing(self.engine.run(req, cancel)) as chunks:
             for chunk in chunks:
@@ -209,6 +228,7 @@ class CosyVoice2:
         *,
         trace: RequestTrace | None = None,
         max_buffered: int = 4,
+        cross_lingual: bool | None = None,
     ) -> AsyncIterator[np.ndarray]:
         """``stream`` for asyncio: an async generator of audio chunks; ``text`` may be an async iterable.
 
@@ -221,7 +241,16 @@ class CosyVoice2:
         sync_text = iter(feed) if feed is not None else text
         cancel = CancelToken()
         gen = self.stream(
-            sync_text, voice, instruct, speed, seed, schedule, text_frontend, trace=trace, cancel=cancel
+            sync_text,
+            voice,
+            instruct,
+            speed,
+            seed,
+            schedule,
+            text_frontend,
+            trace=trace,
+            cancel=cancel,
+            cross_lingual=cross_lingual,
         )  # validates arguments lazily, in the thread below
         out: asyncio.Queue = asyncio.Queue()
         room = threading.Semaphore(max(1, int(max_buffered)))  # chunks the consumer has not taken yet

@@ -108,6 +108,7 @@ def cmd_speak(args) -> int:
     voice = _resolve_voice(tts, args)
     t0 = time.perf_counter()
     opts = dict(voice=voice, instruct=args.instruct, speed=args.speed, seed=args.seed)
+    opts["cross_lingual"] = args.cross_lingual
     if args.stream:
         chunks, first = [], None
         for chunk in tts.stream(text, **opts):
@@ -297,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_voice_args(p)
     p.add_argument("--instruct", help='style instruction, e.g. "speak happily" (needs a prompt voice)')
+    p.add_argument(
+        "--cross-lingual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start the LM without the voice's transcript (--cross-lingual) or after it "
+        "(--no-cross-lingual); default: the model decides (the shipped model switches when the text's "
+        "language differs)",
+    )
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="synthesise in streaming chunks")

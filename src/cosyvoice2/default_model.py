@@ -2,7 +2,9 @@
 
 A native model directory::
 
-    cosyvoice2.json              format tag, every network's config (dataclass fields), speaker list
+    cosyvoice2.json              format tag, every network's config (dataclass fields), speaker list;
+                                 optional "prompt_language" ("match", the default, or "always": see
+                                 ``model_dir.Models.prompt_language``)
     lm.safetensors               CosyVoice2LM                 \
     flow.safetensors             Flow                          |  float16 weights; each file also carries
     hift.safetensors             HiFT (weight norm folded)     |  its own config in the safetensors
@@ -370,7 +372,11 @@ def load_native_dir(path: str | os.PathLike, *, text_backend: str = "auto"):
     default = raw.get("default_speaker")
     if default is not None and default not in speakers:
         raise ModelLoadError(f"{root}: default speaker {default!r} is not among the speakers")
-    return Models(nets["lm"], nets["flow"], nets["hift"], frontend, speakers, default, root)
+    # A native model's LM starts without a voice's transcript in another language (model_dir.Models)
+    prompt_language = raw.get("prompt_language", "match")
+    if prompt_language not in ("always", "match"):
+        raise ModelLoadError(f"{root}: prompt_language must be 'always' or 'match', not {prompt_language!r}")
+    return Models(nets["lm"], nets["flow"], nets["hift"], frontend, speakers, default, root, prompt_language)
 
 
 def default_model_dir() -> Path:

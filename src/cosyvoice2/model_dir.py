@@ -45,6 +45,9 @@ class Models:
     speakers: dict[str, VoiceReference] = field(default_factory=dict)
     default_speaker: str | None = None
     source: Path | None = None
+    # When a voice's transcript is in another language than the text (``synthesis.Request.cross_lingual``
+    # None): "always" continue from it (the official behaviour), or start without it unless they "match".
+    prompt_language: str = "always"
 
     # -- adapters used by the synthesizer ----------------------------------------------------------
 

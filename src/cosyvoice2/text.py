@@ -819,6 +819,18 @@ _TAG_RE = re.compile(
     + r"|<\|[^<>|\s]*\|>"
 )
 _SPECIAL_SPLIT = re.compile(f"({_TAG_RE.pattern})")  # re.split keeps the tags (at odd indices)
+
+
+def text_language(text: str) -> str | None:
+    """ "zh" for text with Chinese characters, "en" for text with Latin letters and none, None for neither
+    (digits, punctuation; tags such as ``[laughter]`` do not count). By script only: the two languages of
+    the default model; official models are never switched by it (``Models.prompt_language``)."""
+    text = _TAG_RE.sub("", text)
+    if _HAN_RUN.search(text):
+        return "zh"
+    return "en" if _LATIN.search(text) else None
+
+
 _SPAN_OPEN = ("<strong>", "<laughter>")
 _SPAN_CLOSE = ("</strong>", "</laughter>")
 

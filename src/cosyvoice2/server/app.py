@@ -3,7 +3,8 @@
 ``create_app(tts, settings)`` builds the FastAPI app around one loaded model. Routes:
 
 =========================================  ============================================================
-``POST /v1/audio/speech``                  OpenAI schema (+ ``instruct``, ``seed``, ``stream``); audio is
+``POST /v1/audio/speech``                  OpenAI schema (+ ``instruct``, ``seed``, ``stream``,
+                                           ``cross_lingual``); audio is
                                            streamed as it is made unless ``stream`` is false
 ``WS   /v1/audio/speech/stream``           text pieces in, audio frames out (protocol below)
 ``POST /v1/voices``                        multipart ``audio`` (+ ``text``, ``name``) -> saved voice
@@ -45,7 +46,7 @@ WebSocket protocol (``/v1/audio/speech/stream``; JSON text frames from the clien
 connection)::
 
     -> {"type": "start", "voice": "alloy", "format": "pcm", "instruct": null, "speed": 1.0, "seed": null,
-        "text": "optional first piece"}
+        "cross_lingual": null, "text": "optional first piece"}
     <- {"type": "started", "request_id": "...", "format": "pcm", "content_type": "audio/pcm",
         "sample_rate": 24000}
     -> {"type": "text", "text": "Hello "}            (any number, as an LLM writes them)
@@ -685,6 +686,9 @@ class SpeechOptions(BaseModel):
     instruct: Text | None = Field(default=None, max_length=1000)
     instructions: Text | None = Field(default=None, max_length=1000)  # OpenAI's name for it
     seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**63)
+    # our field: the LM starts without the voice's transcript (true) or after it (false); null: the model
+    # decides (cosyvoice2.synthesis)
+    cross_lingual: StrictBool | None = None
 
     def voice_key(self) -> str | None:
         v = self.voice
@@ -1243,6 +1247,7 @@ class Server:
                 seed=opts.seed,
                 cancel=cancel,
                 max_tokens=self.max_tokens,
+                cross_lingual=opts.cross_lingual,
             )
             try:
                 for chunk in gen:
@@ -1603,6 +1608,7 @@ def _offline(server: Server, text: str, voice, fmt: str, opts: SpeechOptions, sp
             seed=opts.seed,
             cancel=cancel,
             max_tokens=server.max_tokens,
+            cross_lingual=opts.cross_lingual,
         )
         yield encode_audio(audio, sample_rate, fmt), int(np.asarray(audio).size)
 
