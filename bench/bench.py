@@ -62,6 +62,7 @@ VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (
     "fast": ("fast", {}),
     "fast-steps5": ("fast", {"flow_steps": 5}),
     "fast-flow-int8": ("fast", {"flow_quant": "int8"}),  # A/B of the flow's precision on bf16 CPUs
+    "fast-flow-fp32": ("fast", {"flow_quant": "fp32"}),  # fast's LM, the flow as exact's
     # fast + a 4-step first chunk (FlowConfig.first_chunk_steps): what the first packet would be if the
     # sampler lever joined fast; later chunks stay exact (bench/README "Flow sampler levers")
     "fast-first4": ("fast", {"first_chunk_steps": 4}),
@@ -628,6 +629,43 @@ def kernels(repeats: int = 20) -> dict:
     return out
 
 
+def flow_blocks(repeats: int = 3) -> dict:
+    """Median ms of one full-size estimator ODE step (2 CFG rows) on a streamed block of n tokens (2n
+    frames) after a 3 s prompt, fp32 vs bf16 autocast vs int8, n from a first packet's few tokens to a long
+    chunk's: where reduced precision starts to pay (a small block is dispatch- and conversion-bound)."""
+    import copy
+    import warnings
+
+    from cosyvoice2.api import speed_up
+    from cosyvoice2.flow import Flow, FlowConfig
+
+    out: dict = {}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        base = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+        flows = {"fp32": base}
+        for precision in ("bf16", "int8"):
+            flows[precision] = speed_up(_FlowOnly(copy.deepcopy(base)), flow_quant=precision).flow
+        v = random_voice()
+        ids = torch.randint(0, 6561, (1, 103), generator=torch.Generator().manual_seed(1))
+        for n in (3, 6, 11, 25, 50, 100):
+            row = {}
+            for precision, flow in flows.items():
+                state = flow.stream_start(v.speech_tokens[None], v.mel[None], v.embedding[None])
+                block = flow.stream_prepare(state, ids[:, :n], ids[:, n : n + 3], final=False)
+                flow.euler_step([block])
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    flow.euler_step([block])
+                    times.append(time.perf_counter() - t)
+                row[f"{precision}_ms"] = round(1000 * statistics.median(times), 1)
+            out[f"{n}_tokens"] = row
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
 class _FlowOnly:
     """What ``speed_up`` needs to change only a flow (no LM)."""
 
@@ -761,10 +799,13 @@ def run_variant(variant: str, quick: bool) -> dict:
             return out | {"flow_levers": flow_levers(quick)}
         if variant == "kernels":
             return out | {"kernels": kernels(5 if quick else 20)}
+        if variant == "flow-blocks":
+            return out | {"flow_blocks": flow_blocks(3 if quick else 7)}
         if variant == "compute-quality":
             return out | {"compute_quality": random_quality()}
         if variant not in VARIANTS and variant != "int8-quality":
             known = [*VARIANTS, *DEFAULT_VARIANTS, "int8-quality", "flow-batch", "op-share", "flow-levers"]
+            known += ["flow-blocks"]
             raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(dict.fromkeys(known))}")
         models = random_full_size()
         if variant == "int8-quality":

@@ -90,6 +90,26 @@ def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
     assert audio.size > 0 and np.isfinite(audio).all()
 
 
+def test_prompt_language_from_the_model_config(tmp_path):
+    """cosyvoice2.json's "prompt_language" sets the policy: "never" starts the LM without any transcript;
+    a value outside the three is a load error naming it."""
+    from cosyvoice2.errors import ModelLoadError
+
+    for f in PACKAGE_MODEL_DIR.iterdir():
+        if f.name != NATIVE_CONFIG:
+            (tmp_path / f.name).symlink_to(f)
+    cfg = json.loads((PACKAGE_MODEL_DIR / NATIVE_CONFIG).read_text())
+    (tmp_path / NATIVE_CONFIG).write_text(json.dumps({**cfg, "prompt_language": "never"}))
+    never = cosyvoice2.load(tmp_path)
+    voice = never.resolve_voice(never.speakers()[0])
+    assert never.synth._prompt(never.request("Hello world.", voice=voice)).lm_text == []
+    assert never.synth._prompt(never.request("Hello world.", voice=voice, cross_lingual=False)).lm_text
+    never.close()
+    (tmp_path / NATIVE_CONFIG).write_text(json.dumps({**cfg, "prompt_language": "sometimes"}))
+    with pytest.raises(ModelLoadError, match="sometimes"):
+        cosyvoice2.load(tmp_path)
+
+
 def test_stream_equals_offline_on_same_seed(tts):
     # Same seed, same tokens: the official schedule's chunks concatenate to the offline audio. The flow's
     # chunk masks make them differ slightly, as in the official code, and a slightly different mel moves

@@ -3,8 +3,8 @@
 A native model directory::
 
     cosyvoice2.json              format tag, every network's config (dataclass fields), speaker list;
-                                 optional "prompt_language" ("match", the default, or "always": see
-                                 ``model_dir.Models.prompt_language``)
+                                 optional "prompt_language" ("match", the default, "always" or
+                                 "never": see ``model_dir.Models.prompt_language``)
     lm.safetensors               CosyVoice2LM                 \
     flow.safetensors             Flow                          |  float16 weights; each file also carries
     hift.safetensors             HiFT (weight norm folded)     |  its own config in the safetensors
@@ -48,6 +48,7 @@ NATIVE_VERSION = 1
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 TOKENIZER_DIR = "tokenizer"
 SPEAKERS_DIR = "speakers"
+PROMPT_LANGUAGE = ("always", "match", "never")  # model_dir.Models.prompt_language
 NETWORKS = ("lm", "flow", "hift", "speech_tokenizer", "speaker_encoder")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -374,8 +375,8 @@ def load_native_dir(path: str | os.PathLike, *, text_backend: str = "auto"):
         raise ModelLoadError(f"{root}: default speaker {default!r} is not among the speakers")
     # A native model's LM starts without a voice's transcript in another language (model_dir.Models)
     prompt_language = raw.get("prompt_language", "match")
-    if prompt_language not in ("always", "match"):
-        raise ModelLoadError(f"{root}: prompt_language must be 'always' or 'match', not {prompt_language!r}")
+    if prompt_language not in PROMPT_LANGUAGE:
+        raise ModelLoadError(f"{root}: prompt_language {prompt_language!r} is not one of {PROMPT_LANGUAGE}")
     return Models(nets["lm"], nets["flow"], nets["hift"], frontend, speakers, default, root, prompt_language)
 
 

@@ -45,8 +45,9 @@ class Models:
     speakers: dict[str, VoiceReference] = field(default_factory=dict)
     default_speaker: str | None = None
     source: Path | None = None
-    # When a voice's transcript is in another language than the text (``synthesis.Request.cross_lingual``
-    # None): "always" continue from it (the official behaviour), or start without it unless they "match".
+    # Whether the LM continues from a voice's transcript and prompt tokens when a request leaves it to the
+    # model (``synthesis.Request.cross_lingual`` None): "always" (the official behaviour), only when the
+    # text's language "match"es the transcript's, or "never" (a model whose LM reads worse after a prompt).
     prompt_language: str = "always"
 
     # -- adapters used by the synthesizer ----------------------------------------------------------

@@ -392,7 +392,10 @@ class Synthesizer:
         """Whether the LM starts without the voice's transcript and prompt tokens (module docstring)."""
         if req.cross_lingual is not None:
             return req.cross_lingual
-        if getattr(self.models, "prompt_language", "always") != "match" or not isinstance(req.text, str):
+        policy = getattr(self.models, "prompt_language", "always")
+        if policy == "never":
+            return True
+        if policy != "match" or not isinstance(req.text, str):
             return False  # official behaviour; a text still being streamed has no language yet
         want, have = text_language(req.text), text_language(voice.text or "")
         return want is not None and have is not None and want != have
