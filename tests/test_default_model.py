@@ -80,7 +80,8 @@ def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
     zh = tts.synth._prompt(tts.request("你好，世界。", voice=voice))
     assert zh.lm_text == [] and zh.lm_speech.numel() == 0
     assert torch.equal(zh.flow_tokens, en.flow_tokens)  # the flow keeps the voice's prompt
-    assert tts.synth._prompt(tts.request("你好，世界。", voice=voice, cross_lingual=False)).lm_text == en.lm_text
+    forced = tts.synth._prompt(tts.request("你好，世界。", voice=voice, cross_lingual=False))
+    assert forced.lm_text == en.lm_text
     assert tts.synth._prompt(tts.request("Hello world.", voice=voice, cross_lingual=True)).lm_text == []
     # a text still being written has no language yet: the LM continues from the transcript
     assert tts.synth._prompt(tts.request(iter(["你好"]), voice=voice)).lm_text == en.lm_text
