@@ -68,7 +68,7 @@ def test_zero_shot_from_prompt(tts, tmp_path):
 
 
 def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
-    """The shipped model's built-in voices have English transcripts: for a Chinese text its LM starts
+    """Most of the shipped model's built-in voices have English transcripts: for a Chinese text its LM starts
     without them (cross-lingual), for English it continues from them; ``cross_lingual`` overrides both."""
     from cosyvoice2.text import text_language
 

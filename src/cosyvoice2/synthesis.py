@@ -19,8 +19,9 @@ source tokens (vc)     LM skipped                       -                       
 or without them. None leaves it to the model (``Models.prompt_language``): official model directories always
 continue from the transcript, as the official ``inference_zero_shot`` does; the shipped default model
 starts without it when the text's language (``text.text_language``) is not the transcript's, because its
-small LM reads far worse after a prompt in another language (built-in voices, whose prompts are English,
-speaking 16 Chinese sentences: CER 160.8 % after the prompt, 67.7 % without; recipes/README.md).
+small LM reads far worse after a prompt in another language (its 12 bilingual built-in voices, 9 with
+English prompts, speaking 16 Chinese sentences: CER 160.8 % after their prompts, 67.7 % without;
+recipes/README.md). A model may also say "never" (``Models.prompt_language``).
 
 All per-request state (RNG, LM cache row, flow/vocoder stream state, chunk offsets, the trace) lives in
 locals of the request's generator or on the request; models are shared read-only, so any number of
