@@ -668,6 +668,12 @@ def test_native_roundtrip_synthesises(tmp_path):
     assert {k for k in before if before[k] != after[k]} == {Path("flow.safetensors"), Path("cosyvoice2.json")}
     tts = cosyvoice2.load(out, text_backend="none")
     assert tts.models.flow.cfg.prediction == "data" and tts.speakers() == ["spk1"]
+    assert tts.models.prompt_language == "match"  # a native model's default
+    # --prompt-language is written to the config; a later --base export keeps it
+    export_main(["--base", str(out), "--prompt-language", "never", "--out", str(tmp_path / "m1")])
+    export_main(["--base", str(tmp_path / "m1"), "--flow", str(tmp_path / "new_flow.safetensors"),
+                 "--out", str(tmp_path / "m1")])  # fmt: skip
+    assert cosyvoice2.load(tmp_path / "m1", text_backend="none").models.prompt_language == "never"
     # --base with an LM run that trained its own BPE (pinyin units): the BPE comes along
     run = tmp_path / "lm_run"
     train_bpe(TEXTS * 3 + ["白日依山尽"] * 3, run / "text_tokenizer", 300, units="pinyin")

@@ -246,6 +246,7 @@ def save_native_dir(
     default_speaker: str | None = None,
     info: Mapping[str, Any] | None = None,
     notice: str | None = None,
+    prompt_language: str | None = None,
 ) -> Path:
     """Write a complete native model directory, atomically: it is built in a temporary sibling directory
     and renamed into place, so ``path`` is either the old model or the new one, never a mix.
@@ -299,6 +300,10 @@ def save_native_dir(
         config["text_tokenizer"] = TOKENIZER_DIR
         config["speakers"] = list(speakers)
         config["default_speaker"] = default_speaker
+        if prompt_language is not None:  # else the loader's default ("match")
+            if prompt_language not in PROMPT_LANGUAGE:
+                raise CosyVoiceError(f"prompt_language {prompt_language!r} is not one of {PROMPT_LANGUAGE}")
+            config["prompt_language"] = prompt_language
         config["info"] = dict(info or {})
         (tmp / TOKENIZER_DIR).mkdir()
         for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

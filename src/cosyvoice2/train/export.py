@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import RATES
-from ..default_model import config_from_dict, load_network, save_native_dir
+from ..default_model import PROMPT_LANGUAGE, config_from_dict, load_network, save_native_dir
 from ..errors import ModelLoadError
 from .common import latest_checkpoint, load_checkpoint, strip_prefix
 
@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", type=Path, help="native model directory whose other parts are kept")
+    ap.add_argument(
+        "--prompt-language",
+        choices=PROMPT_LANGUAGE,
+        help="when the LM continues from a voice's transcript (model_dir.Models.prompt_language; default: "
+        "the base's, else match)",
+    )
     args = ap.parse_args(argv)
     if args.base is not None:
         return update_native(args)
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         speakers=voices,
         default_speaker=args.default_speaker,
         info=info,
+        prompt_language=args.prompt_language,
     )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(
@@ -264,6 +271,8 @@ def update_native(args: argparse.Namespace) -> None:
             raw.setdefault("info", {})["voices_from"] = str(args.corpus)
         if replaced:
             raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}
+        if args.prompt_language is not None:
+            raw["prompt_language"] = args.prompt_language
         text = json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
         (tmp / NATIVE_CONFIG).write_text(text, encoding="utf-8")
         read_native_config(tmp)  # the result must load before it replaces anything
