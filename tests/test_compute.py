@@ -217,6 +217,36 @@ def test_fast_settings_stay_close_to_exact(default_models, options):
 
 
 @has_default_model
+def test_bf16_flow_stores_its_weights_in_bf16_with_autocast_s_outputs(default_models):
+    """cast_flow_bf16 keeps the estimator's Linear/Conv1d weights in bf16, which autocast would round them
+    to at every call anyway: the mel is bit for bit that of autocast over float32 weights."""
+    from cosyvoice2.engine import Bf16Estimator, cast_flow_bf16
+
+    names = sorted(default_models.speakers)
+    voice, target = default_models.speakers[names[1]], default_models.speakers[names[0]].speech_tokens.long()
+    autocast_only = copy.deepcopy(default_models.flow)
+    autocast_only.estimator = Bf16Estimator(autocast_only.estimator)  # float32 weights, cast per call
+    stored = cast_flow_bf16(copy.deepcopy(default_models.flow))
+    weights = [m.weight for m in stored.estimator.inner.modules() if isinstance(m, nn.Linear | nn.Conv1d)]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    norms = [m.weight for m in stored.estimator.inner.modules() if isinstance(m, nn.LayerNorm)]
+    assert all(w.dtype == torch.float32 for w in norms)
+    with torch.inference_mode():
+        mels = [
+            flow.inference(
+                target[None],
+                voice.speech_tokens[None].long(),
+                voice.mel[None],
+                voice.embedding[None],
+                streaming=False,
+                finalize=True,
+            )  # fmt: skip
+            for flow in (autocast_only, stored)
+        ]
+    assert mels[0].dtype == torch.float32 and torch.equal(mels[0], mels[1])
+
+
+@has_default_model
 def test_exact_is_todays_default_path_bit_for_bit():
     default, exact = cosyvoice2.load(), cosyvoice2.load(compute="exact")
     try:
