@@ -67,11 +67,23 @@ def test_zero_shot_from_prompt(tts, tmp_path):
     assert audio.size > 0 and np.isfinite(audio).all()
 
 
-def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
-    """Most of the shipped model's built-in voices have English transcripts: for a Chinese text its LM starts
-    without them (cross-lingual), for English it continues from them; ``cross_lingual`` overrides both."""
+def _with_prompt_language(tmp_path, value):
+    """The shipped model with cosyvoice2.json's "prompt_language" set to ``value`` (files linked)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for f in PACKAGE_MODEL_DIR.iterdir():
+        if f.name != NATIVE_CONFIG:
+            (tmp_path / f.name).symlink_to(f)
+    cfg = json.loads((PACKAGE_MODEL_DIR / NATIVE_CONFIG).read_text())
+    (tmp_path / NATIVE_CONFIG).write_text(json.dumps({**cfg, "prompt_language": value}))
+    return tmp_path
+
+
+def test_voice_in_another_language_starts_the_lm_without_its_transcript(tmp_path):
+    """prompt_language "match": for a Chinese text the LM starts without a voice's English transcript, for
+    English it continues from it; ``cross_lingual`` overrides both."""
     from cosyvoice2.text import text_language
 
+    tts = cosyvoice2.load(_with_prompt_language(tmp_path, "match"))
     assert tts.models.prompt_language == "match"
     voice = tts.resolve_voice(tts.speakers()[0])
     assert text_language(voice.text) == "en" and voice.has_prompt
@@ -89,26 +101,23 @@ def test_voice_in_another_language_starts_the_lm_without_its_transcript(tts):
     assert tts.synth._prompt(tts.request("123", voice=voice)).lm_text == en.lm_text
     audio = _audio(tts.synthesize("你好，世界。", voice=voice, seed=0))
     assert audio.size > 0 and np.isfinite(audio).all()
+    tts.close()
 
 
-def test_prompt_language_from_the_model_config(tmp_path):
-    """cosyvoice2.json's "prompt_language" sets the policy: "never" starts the LM without any transcript;
-    a value outside the three is a load error naming it."""
+def test_prompt_language_from_the_model_config(tts, tmp_path):
+    """cosyvoice2.json's "prompt_language" sets the policy (the shipped model's is one of the three):
+    "never" starts the LM without any transcript; a value outside the three is a load error naming it."""
+    from cosyvoice2.default_model import PROMPT_LANGUAGE
     from cosyvoice2.errors import ModelLoadError
 
-    for f in PACKAGE_MODEL_DIR.iterdir():
-        if f.name != NATIVE_CONFIG:
-            (tmp_path / f.name).symlink_to(f)
-    cfg = json.loads((PACKAGE_MODEL_DIR / NATIVE_CONFIG).read_text())
-    (tmp_path / NATIVE_CONFIG).write_text(json.dumps({**cfg, "prompt_language": "never"}))
-    never = cosyvoice2.load(tmp_path)
+    assert tts.models.prompt_language in PROMPT_LANGUAGE
+    never = cosyvoice2.load(_with_prompt_language(tmp_path / "never", "never"))
     voice = never.resolve_voice(never.speakers()[0])
     assert never.synth._prompt(never.request("Hello world.", voice=voice)).lm_text == []
     assert never.synth._prompt(never.request("Hello world.", voice=voice, cross_lingual=False)).lm_text
     never.close()
-    (tmp_path / NATIVE_CONFIG).write_text(json.dumps({**cfg, "prompt_language": "sometimes"}))
     with pytest.raises(ModelLoadError, match="sometimes"):
-        cosyvoice2.load(tmp_path)
+        cosyvoice2.load(_with_prompt_language(tmp_path / "bad", "sometimes"))
 
 
 def test_stream_equals_offline_on_same_seed(tts):

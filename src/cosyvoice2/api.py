@@ -149,7 +149,7 @@ class CosyVoice2:
         take; past it the call raises ``cosyvoice2.errors.TooLong`` (None: no limit).
         ``cross_lingual``: True, the LM starts without the voice's transcript (for a text in another
         language); False, it continues from it (zero-shot); None, the model decides
-        (``cosyvoice2.synthesis``: the default model switches when the languages differ).
+        (``cosyvoice2.synthesis``: the shipped default model starts without it; official models continue).
         """
         streamed = schedule is not None  # the fast path runs as a stream and joins its chunks
         req = self.request(

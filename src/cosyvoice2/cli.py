@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start the LM without the voice's transcript (--cross-lingual) or after it "
-        "(--no-cross-lingual); default: the model decides (the shipped model switches when the text's "
-        "language differs)",
+        "(--no-cross-lingual); default: the model decides (the shipped model starts without it; official "
+        "models continue from it)",
     )
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)

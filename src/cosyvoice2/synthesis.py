@@ -17,11 +17,12 @@ source tokens (vc)     LM skipped                       -                       
 
 ``cross_lingual`` (None by default) says whether the LM starts after the voice's transcript and prompt tokens
 or without them. None leaves it to the model (``Models.prompt_language``): official model directories always
-continue from the transcript, as the official ``inference_zero_shot`` does; the shipped default model
-starts without it when the text's language (``text.text_language``) is not the transcript's, because its
-small LM reads far worse after a prompt in another language (its 12 bilingual built-in voices, 9 with
-English prompts, speaking 16 Chinese sentences: CER 160.8 % after their prompts, 67.7 % without;
-recipes/README.md). A model may also say "never" (``Models.prompt_language``).
+continue from the transcript, as the official ``inference_zero_shot`` does; a native model starts without
+it when the text's language (``text.text_language``) is not the transcript's ("match", the default), or
+always ("never", what the shipped default model's config says). Its small LM reads worse after a prompt:
+build 10's built-in voices speaking 16 Chinese sentences read 160.8 % CER after their (mostly English)
+prompts and 67.7 % without; build 11 read 56.2 / 65.1 % (en WER / zh CER, built-in voices) and 57.7 /
+61.4 % (zero-shot) without any prompt against 64.9 / 61.4 and 57.2 / 69.8 % under "match" (recipes/README.md).
 
 All per-request state (RNG, LM cache row, flow/vocoder stream state, chunk offsets, the trace) lives in
 locals of the request's generator or on the request; models are shared read-only, so any number of
