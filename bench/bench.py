@@ -575,14 +575,11 @@ KERNEL_SHAPES = {  # the shapes the plan is about
 def kernels(repeats: int = 20) -> dict:
     """Median ms of one GEMM per precision (fp32, bf16, int8 dynamic) at the shapes of the LM decode and
     the flow estimator, and of one full-size estimator ODE step over a 56-frame block after a 3 s prompt
-    per flow precision: what ``cosyvoice2.cpu.plan`` should choose on this CPU."""
-    import copy
+    (median of 3) per flow precision: what ``cosyvoice2.cpu.plan`` should choose on this CPU."""
     import warnings
 
     import torch.nn.functional as F
 
-    from cosyvoice2.api import speed_up
-    from cosyvoice2.flow import Flow, FlowConfig
     from cosyvoice2.lm import Int8DynamicLinear
 
     def median_ms(fn) -> float:
@@ -606,24 +603,10 @@ def kernels(repeats: int = 20) -> dict:
                 "bf16_ms": median_ms(lambda: F.linear(xb, wb)),  # noqa: B023
                 "int8_ms": median_ms(lambda: q(x)),  # noqa: B023
             }
-        torch.manual_seed(0)
-        base = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
         v = random_voice()
         ids = torch.randint(0, 6561, (1, 28), generator=torch.Generator().manual_seed(1))
-        step = {}
-        for precision in ("fp32", "bf16", "int8"):
-            flow = (
-                base
-                if precision == "fp32"
-                else speed_up(_FlowOnly(copy.deepcopy(base)), flow_quant=precision).flow
-            )
-            state = flow.stream_start(v.speech_tokens[None], v.mel[None], v.embedding[None])
-            block = flow.stream_prepare(state, ids[:, :25], ids[:, 25:], final=False)
-            flow.euler_step([block])
-            t = time.perf_counter()
-            for _ in range(3):
-                flow.euler_step([block])
-            step[f"{precision}_ms"] = round(1000 * (time.perf_counter() - t) / 3, 1)
+        flows = _precision_flows()
+        step = {f"{p}_ms": _flow_step_ms(f, v, ids, 25, 3) for p, f in flows.items()}
         out["flow_estimator_step_56_frames"] = step
     out["torch_threads"] = torch.get_num_threads()
     return out
@@ -631,39 +614,48 @@ def kernels(repeats: int = 20) -> dict:
 
 def flow_blocks(repeats: int = 3) -> dict:
     """Median ms of one full-size estimator ODE step (2 CFG rows) on a streamed block of n tokens (2n
-    frames) after a 3 s prompt, fp32 vs bf16 autocast vs int8, n from a first packet's few tokens to a long
-    chunk's: where reduced precision starts to pay (a small block is dispatch- and conversion-bound)."""
-    import copy
+    frames) after a 3 s prompt, fp32 vs bf16 vs int8, n from a first packet's few tokens to a long chunk's:
+    where reduced precision starts to pay (a small block is bound by its count of small ops)."""
     import warnings
-
-    from cosyvoice2.api import speed_up
-    from cosyvoice2.flow import Flow, FlowConfig
 
     out: dict = {}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        base = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
-        flows = {"fp32": base}
-        for precision in ("bf16", "int8"):
-            flows[precision] = speed_up(_FlowOnly(copy.deepcopy(base)), flow_quant=precision).flow
+        flows = _precision_flows()
         v = random_voice()
         ids = torch.randint(0, 6561, (1, 103), generator=torch.Generator().manual_seed(1))
         for n in (3, 6, 11, 25, 50, 100):
-            row = {}
-            for precision, flow in flows.items():
-                state = flow.stream_start(v.speech_tokens[None], v.mel[None], v.embedding[None])
-                block = flow.stream_prepare(state, ids[:, :n], ids[:, n : n + 3], final=False)
-                flow.euler_step([block])
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    flow.euler_step([block])
-                    times.append(time.perf_counter() - t)
-                row[f"{precision}_ms"] = round(1000 * statistics.median(times), 1)
-            out[f"{n}_tokens"] = row
+            out[f"{n}_tokens"] = {f"{p}_ms": _flow_step_ms(f, v, ids, n, repeats) for p, f in flows.items()}
     out["torch_threads"] = torch.get_num_threads()
     return out
+
+
+def _precision_flows() -> dict:
+    """The full-size random flow (seed 0) as fp32, and copies made bf16 and int8 by ``speed_up``."""
+    import copy
+
+    from cosyvoice2.api import speed_up
+    from cosyvoice2.flow import Flow, FlowConfig
+
+    torch.manual_seed(0)
+    base = Flow(FlowConfig.cosyvoice2_0_5b()).eval()
+    flows = {"fp32": base}
+    for precision in ("bf16", "int8"):
+        flows[precision] = speed_up(_FlowOnly(copy.deepcopy(base)), flow_quant=precision).flow
+    return flows
+
+
+def _flow_step_ms(flow, voice, ids: torch.Tensor, n: int, repeats: int) -> float:
+    """Median ms of one ODE step on the streamed block ids[:, :n] (3 look-ahead tokens) after ``voice``."""
+    state = flow.stream_start(voice.speech_tokens[None], voice.mel[None], voice.embedding[None])
+    block = flow.stream_prepare(state, ids[:, :n], ids[:, n : n + 3], final=False)
+    flow.euler_step([block])  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        flow.euler_step([block])
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times), 1)
 
 
 class _FlowOnly:

@@ -49,6 +49,14 @@ PACKAGE_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 TOKENIZER_DIR = "tokenizer"
 SPEAKERS_DIR = "speakers"
 PROMPT_LANGUAGE = ("always", "match", "never")  # model_dir.Models.prompt_language
+
+
+def check_prompt_language(value: Any, where: str, error: type[CosyVoiceError] = ModelLoadError) -> str:
+    if value not in PROMPT_LANGUAGE:
+        raise error(f"{where}: prompt_language {value!r} is not one of {PROMPT_LANGUAGE}")
+    return value
+
+
 NETWORKS = ("lm", "flow", "hift", "speech_tokenizer", "speaker_encoder")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -301,9 +309,7 @@ def save_native_dir(
         config["speakers"] = list(speakers)
         config["default_speaker"] = default_speaker
         if prompt_language is not None:  # else the loader's default ("match")
-            if prompt_language not in PROMPT_LANGUAGE:
-                raise CosyVoiceError(f"prompt_language {prompt_language!r} is not one of {PROMPT_LANGUAGE}")
-            config["prompt_language"] = prompt_language
+            config["prompt_language"] = check_prompt_language(prompt_language, str(root), CosyVoiceError)
         config["info"] = dict(info or {})
         (tmp / TOKENIZER_DIR).mkdir()
         for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
@@ -379,9 +385,7 @@ def load_native_dir(path: str | os.PathLike, *, text_backend: str = "auto"):
     if default is not None and default not in speakers:
         raise ModelLoadError(f"{root}: default speaker {default!r} is not among the speakers")
     # A native model's LM starts without a voice's transcript in another language (model_dir.Models)
-    prompt_language = raw.get("prompt_language", "match")
-    if prompt_language not in PROMPT_LANGUAGE:
-        raise ModelLoadError(f"{root}: prompt_language {prompt_language!r} is not one of {PROMPT_LANGUAGE}")
+    prompt_language = check_prompt_language(raw.get("prompt_language", "match"), str(root))
     return Models(nets["lm"], nets["flow"], nets["hift"], frontend, speakers, default, root, prompt_language)
 
 

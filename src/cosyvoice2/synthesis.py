@@ -19,10 +19,8 @@ source tokens (vc)     LM skipped                       -                       
 or without them. None leaves it to the model (``Models.prompt_language``): official model directories always
 continue from the transcript, as the official ``inference_zero_shot`` does; a native model starts without
 it when the text's language (``text.text_language``) is not the transcript's ("match", the default), or
-always ("never", what the shipped default model's config says). Its small LM reads worse after a prompt:
-build 10's built-in voices speaking 16 Chinese sentences read 160.8 % CER after their (mostly English)
-prompts and 67.7 % without; build 11 read 56.2 / 65.1 % (en WER / zh CER, built-in voices) and 57.7 /
-61.4 % (zero-shot) without any prompt against 64.9 / 61.4 and 57.2 / 69.8 % under "match" (recipes/README.md).
+always ("never", what the shipped default model's config says, because its small LM reads worse after a
+prompt, most of all one in another language: measurements in MODEL_CARD.md, build 11).
 
 All per-request state (RNG, LM cache row, flow/vocoder stream state, chunk offsets, the trace) lives in
 locals of the request's generator or on the request; models are shared read-only, so any number of
@@ -394,7 +392,7 @@ class Synthesizer:
         """Whether the LM starts without the voice's transcript and prompt tokens (module docstring)."""
         if req.cross_lingual is not None:
             return req.cross_lingual
-        policy = getattr(self.models, "prompt_language", "always")
+        policy = self.models.prompt_language
         if policy == "never":
             return True
         if policy != "match" or not isinstance(req.text, str):
