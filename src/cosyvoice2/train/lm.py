@@ -72,9 +72,9 @@ class LmTrainConfig:
     # and speech tokens concatenated): the layout of zero-shot and saved-voice synthesis, where the voice's
     # transcript and prompt tokens come first. Trained on single utterances only, the build 10 LM read
     # worse after a prompt than with none (built-in voices, 15 of 18 with English prompts, 16 sentences:
-    # English WER 76.9 % after the prompt vs 60.1 % without; Chinese CER 160.8 vs 67.7 %). Which utterances get a prompt
-    # is fixed per utterance (so batches can be sized by the pair's length); the prompt is drawn anew each
-    # time from the speaker's utterances of ``prompt_seconds``.
+    # English WER 76.9 % after the prompt vs 60.1 % without; Chinese CER 160.8 vs 67.7 %). Which utterances
+    # get a prompt is fixed per utterance (so batches can be sized by the pair's length); the prompt is drawn
+    # anew each time from the speaker's utterances of ``prompt_seconds``.
     prompt_pairs: float = 0.0
     prompt_seconds: tuple[float, float] = (2.0, 8.0)
 
