@@ -538,6 +538,14 @@ def test_lm_input_noise():
                       input_noise=torch.tensor([0.0, 1.0]))  # fmt: skip
     h.remove()
     assert len(seen) == 2 and torch.equal(seen[0], speech) and (seen[1] != speech).sum() > 10
+    # prompt_clean: a pair's leading prompt ids stay clean, only the utterance after them is noised
+    seen.clear()
+    h = net.speech_embedding.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    net.forward_train(two["text"], two["text_lens"], two["speech"], two["speech_lens"], 0.0,
+                      input_noise=1.0, clean_prefix=torch.tensor([8, 0]))  # fmt: skip
+    h.remove()
+    assert torch.equal(seen[0][:8], speech[:8]) and (seen[0][8:] != speech[8:]).sum() > 6
+    assert (seen[1][:8] != speech[:8]).sum() > 4
     uniform = LMObjective(cfg, 0.0, LmTrainConfig(input_noise=1.0, input_noise_uniform=True))
     uniform.load_state_dict(obj.state_dict())
     torch.manual_seed(1)

@@ -823,12 +823,14 @@ class CosyVoice2LM(nn.Module):
         bistream_prob: float = 0.5,
         rng: random.Random | None = None,
         input_noise: float | Tensor = 0.0,
+        clean_prefix: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Length-normalised cross-entropy for padded batches text [B, Lt], speech [B, Ls].
 
         ``input_noise``: each speech input id is replaced by a uniformly random one with this probability
         (targets unchanged), so that the next id cannot be read off the previous ones alone (0: official);
-        a float, or one probability per example [B].
+        a float, or one probability per example [B]. ``clean_prefix`` [B]: that many leading speech ids of
+        each example (a prompt utterance's) are kept free of it.
 
         Each example uses the bistream layout with probability ``bistream_prob`` when its speech/text
         ratio exceeds mix_ratio[1]/mix_ratio[0], else the uni-stream layout. Returns loss (mean over all
@@ -845,6 +847,8 @@ class CosyVoice2LM(nn.Module):
             p = float(input_noise[b]) if isinstance(input_noise, Tensor) else input_noise
             if p > 0:
                 noisy = torch.rand(s.shape, device=s.device) < p
+                if clean_prefix is not None:
+                    noisy[: int(clean_prefix[b])] = False
                 s_in = torch.where(noisy, torch.randint_like(s, self.cfg.speech_token_size), s)
             x, y, is_text = self.train_example(t, s, bi, s_in)
             seqs.append(x)

@@ -77,6 +77,9 @@ class LmTrainConfig:
     # anew each time from the speaker's utterances of ``prompt_seconds``.
     prompt_pairs: float = 0.0
     prompt_seconds: tuple[float, float] = (2.0, 8.0)
+    # Keep the prompt's speech ids free of ``input_noise``: at inference they are the voice's real tokens,
+    # and noised like the rest they teach the LM that the prompt's speech says little about what follows.
+    prompt_clean: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +281,7 @@ class LMObjective(nn.Module):
                 self.bistream_prob,
                 rng=random,
                 input_noise=noise,
+                clean_prefix=batch.get("prompt_lens") if self.lm_cfg.prompt_clean else None,
             )
         finally:
             for h in hooks:
@@ -301,7 +305,14 @@ class LMObjective(nn.Module):
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     text, text_lens = pad_1d([it["text"] for it in items])
     speech, speech_lens = pad_1d([it["speech"] for it in items])
-    return {"text": text, "text_lens": text_lens, "speech": speech, "speech_lens": speech_lens}
+    prompt = torch.tensor([int(it.get("prompt_len", 0)) for it in items])  # [B] leading prompt speech ids
+    return {
+        "text": text,
+        "text_lens": text_lens,
+        "speech": speech,
+        "speech_lens": speech_lens,
+        "prompt_lens": prompt,
+    }
 
 
 def lm_items(
@@ -356,10 +367,12 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
 
     def load(utt: Utt, rng: random.Random) -> dict[str, Tensor]:
         text, tokens = text_ids[utt.id], speech[utt.id].long()
+        prompt_len = 0
         if utt.id in partners:  # [prompt text ++ text], [prompt speech ++ speech]: zero-shot's layout
             p = rng.choice(partners[utt.id])
+            prompt_len = len(speech[p.id])
             text, tokens = torch.cat([text_ids[p.id], text]), torch.cat([speech[p.id].long(), tokens])
-        return {"text": text, "speech": tokens}
+        return {"text": text, "speech": tokens, "prompt_len": torch.tensor(prompt_len)}
 
     def length(u: Utt) -> float:  # the batch sizer's view: a paired utterance counts its mean prompt
         cands = partners.get(u.id)
