@@ -21,6 +21,11 @@
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
+#                                         HIFTSET="k=v ...": extra --set (e.g. hift.gta_cache="exp/gta_b7":
+#                                         the flow's mels of the rows as input, from `gta` below)
+#   recipes/session.sh gta SNAP [N]       the shipped flow's mels of the first N (default all) train rows
+#                                         of data/SNAP (zero-shot: a prompt of the same speaker), frame for
+#                                         frame with their audio, into exp/gta_SNAP (1 thread, ~6x real time)
 #   recipes/session.sh tokenizer MIN [SNAP]  in the background, 1 thread: the phonetic speech tokenizer from
 #                                         Whisper tiny.en (its last 2 blocks trained) with a local CTC head
 #                                         over the teacher's phonemes, on snapshot data/SNAP (default cb);
@@ -180,9 +185,16 @@ print(f'{len(keep)} held-out rows taken from {src}')"
       fi
     else
       snap=${2:-cb5}
+      hiftextra=()
+      for kv in ${HIFTSET:-}; do hiftextra+=(--set "$kv"); done
       launch hift --set "train.corpus=\"data/$snap\"" --set 'hift.source_f0="predicted"' --set train.lr=3e-4 \
-        --set train.save_every=200
+        --set train.save_every=200 "${hiftextra[@]}"
     fi
+    ;;
+  gta)
+    snap=${1:?gta SNAP [N]}
+    $python -m cosyvoice2.train.gta --corpus "data/$snap" --cache exp/cache_big --flow $M/flow.safetensors \
+      --out "exp/gta_$snap" --limit "${2:-0}"
     ;;
   tokenizer)
     minutes=${1:?tokenizer MINUTES [SNAPSHOT]}

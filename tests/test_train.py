@@ -1289,3 +1289,38 @@ def test_network_from_run_averages_runs_joined_by_plus(tmp_path):
     other = save_network(tmp_path / "wide.safetensors", CosyVoice2LM(tiny(24)), kind="lm")
     with pytest.raises(ModelLoadError, match="cannot average"):
         network_from_run("lm", f"{paths[0]}+{other}")
+
+
+def test_hift_gta_segments_line_up_with_their_audio(tmp_path):
+    """[hift] gta_cache: a segment's input mel is the flow's mel of the same frames as its audio crop (frame i
+    covers samples [480 i, 480 (i + 1))); gta_share 0 keeps the mel of the real audio; crops stay inside the
+    flow's frames when the flow stopped before the audio did."""
+    import random
+
+    import soundfile as sf
+
+    from cosyvoice2.audio import prompt_mel
+    from cosyvoice2.train.data import Utt, load_wav
+    from cosyvoice2.train.flow import dequantize_mel
+    from cosyvoice2.train.hift import HiftTrainConfig, make_loader
+
+    sr, hop, seg = 24000, 480, 10
+    wav = np.random.default_rng(0).standard_normal(sr).astype(np.float32) * 0.1  # 50 frames
+    sf.write(tmp_path / "u.wav", wav, sr)
+    utt = Utt("u", tmp_path / "u.wav", "x", "en", "s", 1.0, "train")
+    gta = {"u": torch.arange(80 * 40, dtype=torch.int32).reshape(80, 40).remainder(256).to(torch.uint8)}
+    load = make_loader(HiftTrainConfig(segment_frames=seg, gta_cache="x", gta_share=1.0), gta)
+    ref = torch.from_numpy(load_wav(utt, sr))
+    starts = set()
+    for key in range(20):
+        item = load(utt, random.Random(key))
+        f = next(f for f in range(41) if torch.equal(item["audio"], ref[f * hop : (f + seg) * hop]))
+        assert f + seg <= 40 and torch.equal(item["mel"], dequantize_mel(gta["u"][:, f : f + seg]))
+        starts.add(f)
+    assert len(starts) > 5
+    real = make_loader(HiftTrainConfig(segment_frames=seg, gta_cache="x", gta_share=0.0), gta)(
+        utt, random.Random(3)
+    )
+    assert torch.allclose(real["mel"], prompt_mel(real["audio"][None])[0].T)
+    with pytest.raises(ValueError, match="gta_share"):
+        HiftTrainConfig(gta_share=1.5)

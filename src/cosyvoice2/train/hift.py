@@ -109,10 +109,18 @@ class HiftTrainConfig:
     # detached) or "reference" (YIN's f0 of the real audio: the decoder learns to use correct harmonics
     # from the first step, whatever the predictor's state; inference always uses the predictor).
     source_f0: str = "predicted"
+    # Ground-truth-aligned mels (``train.gta``): a feature cache whose ``gta_mels`` are the flow's mels of
+    # the corpus's utterances, frame for frame with their audio. A ``gta_share`` of the segments then
+    # take the flow's mel as input (the target stays the real audio): the vocoder learns to render what
+    # it hears at inference, not only mels of real speech. "" (default): mels of the real audio only.
+    gta_cache: str = ""
+    gta_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source_f0 not in ("predicted", "reference"):
             raise ValueError(f"[hift] source_f0 must be 'predicted' or 'reference', got {self.source_f0!r}")
+        if not 0.0 <= self.gta_share <= 1.0:
+            raise ValueError(f"[hift] gta_share must be in [0, 1], got {self.gta_share}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +332,10 @@ def stft_loss(fake: Tensor, real: Tensor, resolutions: tuple[tuple[int, int, int
 # --------------------------------------------------------------------------------------------------
 
 
-def make_loader(tc: HiftTrainConfig):
+def make_loader(tc: HiftTrainConfig, gta: dict[str, Tensor] | None = None):
+    """Items of one random segment per utterance; ``gta``: flow mel codes [M, T] per utterance id."""
+    from .flow import dequantize_mel
+
     hop = RATES.hop_length
     seg = tc.segment_frames * hop
 
@@ -332,9 +343,18 @@ def make_loader(tc: HiftTrainConfig):
         wav = load_wav(utt, RATES.sample_rate)
         if len(wav) < seg:
             wav = np.pad(wav, (0, seg - len(wav)))
-        start = rng.randrange(0, (len(wav) - seg) // hop + 1) * hop
+        use_gta = gta is not None and utt.id in gta and rng.random() < tc.gta_share
+        frames = (len(wav) - seg) // hop + 1
+        if use_gta:  # the flow's frames stop at its last token: keep the segment inside them
+            frames = min(frames, gta[utt.id].shape[1] - tc.segment_frames + 1)
+            use_gta = frames > 0
+        start = rng.randrange(0, max(frames, 1)) * hop
         crop = np.ascontiguousarray(wav[start : start + seg])
-        mel = prompt_mel(torch.from_numpy(crop)[None])[0].T  # [M, T]
+        if use_gta:  # flow frame i covers the same samples as the audio's mel frame i
+            f = start // hop
+            mel = dequantize_mel(gta[utt.id][:, f : f + tc.segment_frames])
+        else:
+            mel = prompt_mel(torch.from_numpy(crop)[None])[0].T  # [M, T]
         f0 = yin_f0(crop, tc.segment_frames, fmin=tc.f0_min, fmax=tc.f0_max)
         return {"audio": torch.from_numpy(crop), "mel": mel, "f0": torch.from_numpy(f0)}
 
@@ -367,6 +387,17 @@ def train(
         opt_g = _scale_f0_lr(opt_g, gen, cfg, tc.f0_lr_scale)
     opt_d = make_optimizer(disc, cfg, lr=tc.lr_d or cfg.lr)
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
+    gta = None
+    if tc.gta_cache:
+        from .data import FeatureCache
+
+        gta = FeatureCache(tc.gta_cache, "gta_mels").load()
+        if d.is_main:
+            n = sum(u.id in gta for u in utts)
+            print(
+                f"[hift] {n} of {len(utts)} utterances have flow mels (gta_share {tc.gta_share})",
+                file=sys.stderr,
+            )
     seconds = tc.segment_frames * RATES.hop_length / RATES.sample_rate
     stream = BatchStream(
         [seconds] * len(utts), cfg.batch_seconds, cfg.max_batch, cfg.sort_window, cfg.seed, d.rank, d.world
@@ -399,7 +430,7 @@ def train(
     if d.is_main:
         atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     batches = stream.iterate(
-        UttDataset(utts, make_loader(tc)), collate, cfg.num_workers, pin=d.device.type == "cuda"
+        UttDataset(utts, make_loader(tc, gta)), collate, cfg.num_workers, pin=d.device.type == "cuda"
     )
     bar = None
     if d.is_main:
