@@ -805,7 +805,8 @@ def run_variant(variant: str, quick: bool) -> dict:
         compute, options = VARIANTS[variant]
         chosen = plan(compute).with_overrides(options.get("lm_quant"), options.get("flow_quant"),
                                               options.get("flow_steps"), options.get("cfg_steps"),
-                                              options.get("first_chunk_steps"))  # fmt: skip
+                                              options.get("first_chunk_steps"),
+                                              options.get("vocoder_quant"))  # fmt: skip
         speed_up(models, **chosen.load_options())
         tts = CosyVoice2(models, compute_plan=chosen)
         voice = random_voice()

@@ -50,6 +50,9 @@ INT8_7BIT_LM_TOP1, INT8_7BIT_MEL_MAX = 0.75, 0.08
 # flow also carries the quantised encoder's mu into the mel).
 MEL_MEAN, MEL_MAX = 0.01, 0.05
 AUDIO_LOGMEL = 0.15  # mean |delta| of the vocoded audio's log mel
+# bf16 vocoder convolutions: mean |delta| of the audio's log mel from float32's (build 7's vocoder: 0.047,
+# about 0.2 dB; another vocoder noise seed moves it 0.019)
+VOCODER_LOGMEL = 0.08
 
 CPUINFO = """processor	: 0
 model name	: Some CPU
@@ -72,17 +75,24 @@ def test_parse_cpuinfo_keeps_the_flags_that_matter():
 
 
 @pytest.mark.parametrize(
-    ("extra", "arch", "kind", "lm", "flow"),
+    ("extra", "arch", "kind", "lm", "flow", "vocoder"),
     [
-        ("avx512f avx512_vnni avx512_bf16", "x86_64", "avx512-bf16", "int8", "bf16"),
-        ("avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8", "x86_64", "amx", "int8", "bf16"),
-        ("avx512f avx512_vnni", "x86_64", "avx512-vnni", "int8", "int8"),
-        ("avx_vnni", "x86_64", "avx-vnni", "int8", "int8"),
-        ("", "x86_64", "avx2", "int8", "int8"),
-        ("", "aarch64", "other", "fp32", "fp32"),
+        ("avx512f avx512_vnni avx512_bf16", "x86_64", "avx512-bf16", "int8", "bf16", "bf16"),
+        (
+            "avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8",
+            "x86_64",
+            "amx",
+            "int8",
+            "bf16",
+            "bf16",
+        ),
+        ("avx512f avx512_vnni", "x86_64", "avx512-vnni", "int8", "int8", "fp32"),
+        ("avx_vnni", "x86_64", "avx-vnni", "int8", "int8", "fp32"),
+        ("", "x86_64", "avx2", "int8", "int8", "fp32"),
+        ("", "aarch64", "other", "fp32", "fp32", "fp32"),
     ],
 )
-def test_fast_plan_per_cpu_kind(extra, arch, kind, lm, flow):
+def test_fast_plan_per_cpu_kind(extra, arch, kind, lm, flow, vocoder):
     features = _cpu(extra, arch, "AVX2" if arch == "x86_64" else "DEFAULT")
     if arch != "x86_64":
         features = cpu.CpuFeatures(arch, "arm", frozenset(), "DEFAULT")
@@ -91,23 +101,27 @@ def test_fast_plan_per_cpu_kind(extra, arch, kind, lm, flow):
         kind,
         lm,
         flow,
-        "fp32",
+        vocoder,
         None,
     )
-    assert set(fast.reasons) >= {"lm", "flow"}
+    assert set(fast.reasons) >= {"lm", "flow", "vocoder"}
+    assert fast.load_options()["vocoder_quant"] == (None if vocoder == "fp32" else vocoder)
     exact = cpu.plan("exact", features)
-    assert (exact.lm, exact.flow) == ("fp32", "fp32")
+    assert (exact.lm, exact.flow, exact.vocoder) == ("fp32", "fp32", "fp32")
     levers = {"cfg_steps": None, "first_chunk_steps": None}  # sampler levers: off in every plan
-    assert exact.load_options() == {"lm_quant": None, "flow_quant": None, "flow_steps": None} | levers
+    plain = {"lm_quant": None, "flow_quant": None, "flow_steps": None, "vocoder_quant": None}
+    assert exact.load_options() == plain | levers
     assert fast.load_options()["cfg_steps"] is None and fast.load_options()["first_chunk_steps"] is None
 
 
 def test_overrides_win_and_are_reported():
-    p = cpu.plan("fast", _cpu("avx512_bf16 avx512_vnni")).with_overrides("bf16", "fp32", 5)
+    p = cpu.plan("fast", _cpu("avx512_bf16 avx512_vnni")).with_overrides("bf16", "fp32", 5, vocoder="fp32")
     assert p.load_options() == {
-        "lm_quant": "bf16", "flow_quant": None, "flow_steps": 5, "cfg_steps": None, "first_chunk_steps": None
+        "lm_quant": "bf16", "flow_quant": None, "flow_steps": 5, "cfg_steps": None, "first_chunk_steps": None,
+        "vocoder_quant": None,
     }  # fmt: skip
     assert p.reasons["lm"] == p.reasons["flow"] == p.reasons["flow_steps"] == "set by the caller"
+    assert p.reasons["vocoder"] == "set by the caller"
 
 
 def test_this_machine_is_detected():
@@ -244,6 +258,31 @@ def test_bf16_flow_stores_its_weights_in_bf16_with_autocast_s_outputs(default_mo
             for flow in (autocast_only, stored)
         ]
     assert mels[0].dtype == torch.float32 and torch.equal(mels[0], mels[1])
+
+
+@has_default_model
+def test_bf16_vocoder_stays_close_to_float32(default_models):
+    """cast_hift_bf16 (compute="fast" where the CPU has native bf16): the decoder's convolutions in bf16,
+    weights stored in bf16, the f0 predictor and the (i)STFT in float32; the audio's log mel moves by at
+    most ``VOCODER_LOGMEL`` (a fraction of what the flow's reduced precisions may move it)."""
+    from cosyvoice2.engine import cast_hift_bf16
+
+    voice = default_models.speakers[sorted(default_models.speakers)[0]]
+    mel = voice.mel[None].transpose(1, 2).float()  # [1, M, T]
+    fast = cast_hift_bf16(copy.deepcopy(default_models.hift))
+    assert fast.decode_bf16 and all(m.weight.dtype == torch.bfloat16 for m in fast.ups)
+    assert all(p.dtype == torch.float32 for p in fast.f0_predictor.parameters())
+    with torch.inference_mode():
+        ref = default_models.hift.inference(mel, generator=torch.Generator().manual_seed(0))[0]
+        out = fast.inference(mel, generator=torch.Generator().manual_seed(0))[0]
+        seed = default_models.hift.inference(mel, generator=torch.Generator().manual_seed(1))[0]
+    assert out.dtype == torch.float32 and out.shape == ref.shape and not torch.equal(out, ref)
+    logmel = [prompt_mel(a.reshape(-1))[0] for a in (ref, out, seed)]
+    bf16_gap, seed_gap = (float((x - logmel[0]).abs().mean()) for x in logmel[1:])
+    assert 0 < bf16_gap <= VOCODER_LOGMEL and seed_gap > 0, (bf16_gap, seed_gap)
+    assert speed_up(copy.deepcopy(default_models), vocoder_quant="bf16").hift.decode_bf16
+    with pytest.raises(InputError, match="vocoder_quant"):
+        speed_up(copy.deepcopy(default_models), vocoder_quant="int8")
 
 
 @has_default_model

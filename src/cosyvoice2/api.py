@@ -387,6 +387,7 @@ def load(
     flow_steps: int | None = None,
     cfg_steps: int | None = None,
     first_chunk_steps: int | None = None,
+    vocoder_quant: str | None = None,
     **engine_options,
 ) -> CosyVoice2:
     """Load a model directory: an official CosyVoice2-0.5B download, or (None) the shipped default model.
@@ -408,6 +409,7 @@ def load(
     guidance on the first k Euler steps only (the others run the estimator on one row instead of two);
     ``first_chunk_steps``: Euler steps of a fast stream's first chunk only (first-packet latency); both
     None by default (official; see ``FlowConfig`` and bench/README.md for what they cost and save).
+    ``vocoder_quant`` ("bf16": the vocoder's decoder convolutions under bf16 autocast; "fp32").
     ``engine_options`` are the fields of ``cosyvoice2.engine.EngineOptions`` (``max_batch``,
     ``flow_slots``, ``prompt_cache_mb``, ...).
     """
@@ -417,7 +419,10 @@ def load(
     for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
         if value not in _QUANT_CHOICES:
             raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
-    plan = cpu.plan(compute).with_overrides(lm_quant, flow_quant, flow_steps, cfg_steps, first_chunk_steps)
+    _check_vocoder_quant(vocoder_quant)
+    plan = cpu.plan(compute).with_overrides(
+        lm_quant, flow_quant, flow_steps, cfg_steps, first_chunk_steps, vocoder_quant
+    )
     if path is None:
         from .default_model import default_model_dir
 
@@ -449,11 +454,13 @@ def speed_up(
     flow_steps: int | None = None,
     cfg_steps: int | None = None,
     first_chunk_steps: int | None = None,
+    vocoder_quant: str | None = None,
 ) -> Models:
     """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``; None/"fp32": unchanged)."""
     for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
         if value not in _QUANT_CHOICES:
             raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
+    _check_vocoder_quant(vocoder_quant)
     sampler = {}  # FlowConfig fields: Euler steps, guided steps, first-chunk steps
     for name, key, value, low in (
         ("flow_steps", "n_timesteps", flow_steps, 1),
@@ -483,4 +490,13 @@ def speed_up(
         from .engine import cast_flow_bf16
 
         cast_flow_bf16(models.flow)
+    if vocoder_quant == "bf16":
+        from .engine import cast_hift_bf16
+
+        cast_hift_bf16(models.hift)
     return models
+
+
+def _check_vocoder_quant(value: str | None) -> None:
+    if value not in (None, "fp32", "bf16"):
+        raise InputError(f"vocoder_quant must be None, 'fp32' or 'bf16', got {value!r}")

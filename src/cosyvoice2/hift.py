@@ -381,6 +381,9 @@ class HiFT(nn.Module):
         # scipy.signal.get_window("hann", n_fft) (periodic), computed in float64 like scipy, kept in float32.
         window = torch.hann_window(cfg.istft_n_fft, periodic=True, dtype=torch.float64).float()
         self.register_buffer("stft_window", window, persistent=False)
+        # Runtime choice, not a config (``engine.cast_hift_bf16``): the decoder's convolutions (all but the f0
+        # predictor, the sine source and the (i)STFT, which stay float32) under CPU bf16 autocast.
+        self.decode_bf16 = False
 
     # -- weight norm (training) -----------------------------------------------------------------
 
@@ -424,8 +427,16 @@ class HiFT(nn.Module):
             raise InputError(
                 f"source must be [{mel.shape[0]}, 1, {L}] for this mel, got {list(source.shape)}"
             )
-        n_kernels = len(self.cfg.resblock_kernel_sizes)
         s_stft = self._stft(source.squeeze(1))  # [B, 2K, F]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.decode_bf16):
+            x = self._convs(mel, s_stft).float()  # [B, 2K, F]
+        n_bins = self.cfg.istft_n_fft // 2 + 1
+        speech = self._istft(x[:, :n_bins], x[:, n_bins:])
+        return speech.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
+
+    def _convs(self, mel: Tensor, s_stft: Tensor) -> Tensor:
+        """mel [B, M, T], source STFT [B, 2K, F] -> [log magnitude ; phase] pre-activations [B, 2K, F]."""
+        n_kernels = len(self.cfg.resblock_kernel_sizes)
         x = self.conv_pre(mel)  # [B, C0, T]
         for i, (up, down, src_block) in enumerate(zip(self.ups, self.source_downs, self.source_resblocks)):
             x = up(F.leaky_relu(x, self.cfg.lrelu_slope))  # [B, C_i+1, T * prod(rates[:i+1])]
@@ -434,10 +445,7 @@ class HiFT(nn.Module):
             x = x + src_block(down(s_stft))
             blocks = self.resblocks[i * n_kernels : (i + 1) * n_kernels]
             x = sum(block(x) for block in blocks) / n_kernels
-        x = self.conv_post(F.leaky_relu(x, self.cfg.post_lrelu_slope))  # [B, 2K, F]
-        n_bins = self.cfg.istft_n_fft // 2 + 1
-        speech = self._istft(x[:, :n_bins], x[:, n_bins:])
-        return speech.clamp(-self.cfg.audio_limit, self.cfg.audio_limit)
+        return self.conv_post(F.leaky_relu(x, self.cfg.post_lrelu_slope))
 
     # -- full inference -------------------------------------------------------------------------
 
