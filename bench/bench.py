@@ -63,6 +63,7 @@ VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (
     "fast-steps5": ("fast", {"flow_steps": 5}),
     "fast-flow-int8": ("fast", {"flow_quant": "int8"}),  # A/B of the flow's precision on bf16 CPUs
     "fast-flow-fp32": ("fast", {"flow_quant": "fp32"}),  # fast's LM, the flow as exact's
+    "fast-vocoder-fp32": ("fast", {"vocoder_quant": "fp32"}),  # A/B of the vocoder's precision
     # fast + a 4-step first chunk (FlowConfig.first_chunk_steps): what the first packet would be if the
     # sampler lever joined fast; later chunks stay exact (bench/README "Flow sampler levers")
     "fast-first4": ("fast", {"first_chunk_steps": 4}),
