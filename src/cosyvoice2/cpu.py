@@ -219,10 +219,10 @@ def plan(compute: str = "exact", cpu: CpuFeatures | None = None) -> ComputePlan:
     else:
         flow = "fp32"
         reasons["flow"] = "no native bf16 and no int8 kernels on this CPU"
-    if cpu.native_bf16:
-        vocoder = "bf16"
-        reasons["vocoder"] = "compute-bound convolutions, native bf16: measured 2.05x float32 (AMX, 1 thread)"
-    else:
-        vocoder = "fp32"
-        reasons["vocoder"] = "float32: no native bf16 (emulated bf16 is slower than float32)"
+    vocoder = "bf16" if cpu.native_bf16 else "fp32"
+    reasons["vocoder"] = (
+        "compute-bound convolutions, native bf16: measured 2.05x float32 (AMX, 1 thread)"
+        if cpu.native_bf16
+        else "float32: no native bf16 (emulated bf16 is slower than float32)"
+    )
     return ComputePlan("fast", cpu.kind, lm, flow, vocoder, reasons=reasons)
