@@ -375,6 +375,19 @@ def _join(chunks: Iterable[torch.Tensor]) -> np.ndarray:
 
 
 _QUANT_CHOICES = (None, "fp32", "int8", "bf16")
+_VOCODER_QUANT_CHOICES = (None, "fp32", "bf16")  # no int8 convolutions
+
+
+def _check_quants(lm_quant: str | None, flow_quant: str | None, vocoder_quant: str | None) -> None:
+    """The precision knobs of ``load`` and ``speed_up``: a clear error for a value they do not offer."""
+    for name, value, choices in (
+        ("lm_quant", lm_quant, _QUANT_CHOICES),
+        ("flow_quant", flow_quant, _QUANT_CHOICES),
+        ("vocoder_quant", vocoder_quant, _VOCODER_QUANT_CHOICES),
+    ):
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise InputError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def load(
@@ -416,10 +429,7 @@ def load(
     from . import cpu
 
     check_compute(compute)
-    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
-        if value not in _QUANT_CHOICES:
-            raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
-    _check_vocoder_quant(vocoder_quant)
+    _check_quants(lm_quant, flow_quant, vocoder_quant)
     plan = cpu.plan(compute).with_overrides(
         lm_quant, flow_quant, flow_steps, cfg_steps, first_chunk_steps, vocoder_quant
     )
@@ -457,10 +467,7 @@ def speed_up(
     vocoder_quant: str | None = None,
 ) -> Models:
     """Apply the opt-in CPU speed modes to loaded models, in place (see ``load``; None/"fp32": unchanged)."""
-    for name, value in (("lm_quant", lm_quant), ("flow_quant", flow_quant)):
-        if value not in _QUANT_CHOICES:
-            raise InputError(f"{name} must be None, 'fp32', 'int8' or 'bf16', got {value!r}")
-    _check_vocoder_quant(vocoder_quant)
+    _check_quants(lm_quant, flow_quant, vocoder_quant)
     sampler = {}  # FlowConfig fields: Euler steps, guided steps, first-chunk steps
     for name, key, value, low in (
         ("flow_steps", "n_timesteps", flow_steps, 1),
@@ -495,8 +502,3 @@ def speed_up(
 
         cast_hift_bf16(models.hift)
     return models
-
-
-def _check_vocoder_quant(value: str | None) -> None:
-    if value not in (None, "fp32", "bf16"):
-        raise InputError(f"vocoder_quant must be None, 'fp32' or 'bf16', got {value!r}")

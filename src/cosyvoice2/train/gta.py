@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if u.id in have and lo <= u.duration <= hi:
             prompts.setdefault(u.speaker, []).append(u.id)
     out = FeatureCache(args.out, "gta_mels")
-    done = out.done_keys() if args.out.exists() else set()
+    done = out.done_keys()
     todo = [u for u in utts if u.id not in done][: args.limit or None]
     print(f"[gta] {len(todo)} utterances to render ({len(done)} done)", file=sys.stderr, flush=True)
 
