@@ -17,7 +17,8 @@
 #                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer);
 #                                         LMUNITS=UNITS: the LM on a new BPE over those text units;
 #                                         NETS="lm" (or "flow"): only those; LMSET="k=v ...": extra --set for the LM
-#                                         (FLOWSET likewise for the flow, e.g. "train.lr=5e-4")
+#                                         (FLOWSET likewise for the flow, e.g. "train.lr=5e-4");
+#                                         PROCS=2: each network as 2 data-parallel ranks (torchrun)
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)
@@ -37,7 +38,8 @@
 #                                         tokens -> FLOW -> HIFT (run dirs, checkpoints or .safetensors),
 #                                         mean Whisper error per utterance; THREADS=1|2; RAW=FILE keeps
 #                                         the probe's rows (per utterance, for paired comparisons)
-#                                         CACHE=DIR: the tokens (default exp/cache_big)
+#                                         CACHE=DIR: the tokens (default exp/cache_big); PROBEARGS="...":
+#                                         extra probe options (--cfg-rate R, --flow-steps N, --prior)
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #   recipes/session.sh lmrank LM [N]      the LM alone, on N held-out-sentence rows per language of
 #                                         recipes/lm_data (no audio needed): tokens it samples from the text,
@@ -147,7 +149,10 @@ print(f'{len(keep)} held-out rows taken from {src}')"
     launch() {
       local net=$1
       shift
-      nohup $python -m "cosyvoice2.train.$net" --config "recipes/conf_cpu/$net.toml" \
+      # PROCS=N: N data-parallel ranks (torchrun, gloo), 1 thread each: both cores on one network
+      local runner=($python -m)
+      if [ "${PROCS:-1}" -gt 1 ]; then runner=($python -m torch.distributed.run --standalone --nproc_per_node="$PROCS" -m); fi
+      nohup "${runner[@]}" "cosyvoice2.train.$net" --config "recipes/conf_cpu/$net.toml" \
         --set "train.out_dir=\"$run/$net\"" --set 'train.device="cpu"' \
         --set "train.init_from=\"$M/$net.safetensors\"" --set "train.max_minutes=$minutes" \
         --set train.max_steps=1000000 "$@" >> "logs/${net}_$(basename "$run").log" 2>&1 &
@@ -215,6 +220,8 @@ print(f'{len(keep)} held-out rows taken from {src}')"
       hift=${2:?rank FLOW HIFT [N]}
       n=${3:-24}
       probe=(flow --run "$flow" --hift "$hift" --no-griffin-lim --cache "${CACHE:-exp/cache_big}")
+      # shellcheck disable=SC2206
+      probe+=(${PROBEARGS:-})
     else
       hift=${1:?rankhift HIFT [N]}
       n=${2:-24}

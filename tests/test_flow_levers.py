@@ -324,3 +324,45 @@ def test_levers_through_load_and_the_engine(fixtures: Path) -> None:
     for compute in ("exact", "fast"):  # neither plan turns the levers on (bench/README.md: why)
         assert cpu.plan(compute).load_options()["cfg_steps"] is None
         assert cpu.plan(compute).load_options()["first_chunk_steps"] is None
+
+
+# -- ode_weight and temperature (model settings of the default model, not speed levers) ------------------
+
+
+def test_ode_weight_blends_the_sampler_with_the_encoder_mean(small: dict) -> None:
+    """0: the encoder's mean mu, no estimator call, offline and streamed; w: the affine blend of the two
+    (the mel scale is affine, so mel_w = (1 - w) mel_0 + w mel_1); 1 is the default and exact."""
+    flow, prompt, tokens = small["flow"], small["prompt"], small["tokens"]
+    assert flow.cfg.ode_weight == 1.0 and flow.cfg.temperature == 1.0
+    prior, half = _variant(small, ode_weight=0.0), _variant(small, ode_weight=0.5)
+    counter = RowCounter(prior)
+    try:
+        mel0 = prior.inference(tokens, *prompt, streaming=False, finalize=True)
+        streamed0 = _stream(prior, prior.stream_start(*prompt), tokens, _growing_hops(prior, tokens.shape[1]))
+        assert counter.take() == []  # the estimator never ran
+    finally:
+        counter.close()
+    mel1 = flow.inference(tokens, *prompt, streaming=False, finalize=True)
+    mel_half = half.inference(tokens, *prompt, streaming=False, finalize=True)
+    torch.testing.assert_close(mel_half, 0.5 * (mel0 + mel1), atol=1e-5, rtol=0)
+    assert (mel0 - mel1).abs().mean() > 1e-3
+    assert prior.stream_bytes_per_frame() < half.stream_bytes_per_frame() == flow.stream_bytes_per_frame()
+    for net in (prior, half):
+        # static-chunk streaming equals the chunk-masked offline call, as for the official sampler
+        chunked = net.inference(tokens, *prompt, streaming=True, finalize=True)
+        outs = _stream(net, net.stream_start(*prompt, static_chunks=True), tokens, _official_hops(small))
+        torch.testing.assert_close(torch.cat(outs, -1), chunked, atol=ATOL, rtol=0)
+    # mu is block-causal in streaming as in the official encoder: within the same bound as its sampler
+    offline = mel0
+    chunked = prior.inference(tokens, *prompt, streaming=True, finalize=True)
+    mel = torch.cat(streamed0, -1)
+    assert mel.shape == offline.shape
+    assert _rel_rms(mel, offline) <= 2 * max(_rel_rms(chunked, offline), 1e-6)
+
+
+def test_temperature_scales_the_starting_noise(small: dict) -> None:
+    cool = _variant(small, temperature=0.5)
+    torch.testing.assert_close(cool._noise(0, 40), 0.5 * small["flow"]._noise(0, 40), atol=0, rtol=0)
+    for bad in ({"ode_weight": 1.5}, {"ode_weight": -0.1}, {"temperature": -1.0}):
+        with pytest.raises(ValueError):
+            FlowConfig(**bad)

@@ -167,6 +167,15 @@ def test_config_dict_roundtrip():
         config_from_dict(LMConfig, {**config_to_dict(cfgs["lm"]), "hidden": 3})
 
 
+def test_bad_step_intervals_end_with_a_message():
+    """train.save_every = 0 used to build the model and then fail with ZeroDivisionError at the first step."""
+    from cosyvoice2.train.common import load_recipe, train_config
+
+    for bad in ("train.save_every=0", "train.log_every=0", "train.eval_every=-1"):
+        with pytest.raises(SystemExit, match=bad.split("=")[0]):
+            train_config(load_recipe(None, [bad]))
+
+
 def test_fsq_codes_roundtrip():
     fsq = FSQ(8, 3)
     q, codes = fsq(torch.randn(5, 7, 8) * 3)

@@ -127,6 +127,15 @@ class FlowConfig:
     t_scheduler: str = "cosine"  # or "linear"
     noise_seconds: int = 300  # length of the fixed noise table (official: 50 * 300 frames)
     noise_seed: int = 0
+    # Scale of the ODE's starting noise (the official solver's ``temperature``, which it calls with 1.0).
+    # Below 1 the sampler stays nearer the conditional mean: our small default flow reads better that way
+    # (its sampled detail costs more words than it adds, recipes/README.md "ninth session").
+    temperature: float = 1.0
+    # The mel is mu + ode_weight (x_ODE - mu) in the ODE's space: 1 is the official sampler bit for bit; 0 is
+    # the encoder's mean mu alone, with no estimator call (the ODE takes zero steps). Not official. Our small
+    # default flow reads far better below 1 (gate (b), recipes/README.md "ninth session"): its estimator's
+    # sampled detail costs more words than it adds. Frame-local, so streaming equals offline as before.
+    ode_weight: float = 1.0
     # The ODE runs on (mel - mel_mean) / mel_std, so that the data has the noise's scale (Matcha-TTS does the
     # same with per-bin statistics). The official model works on the raw log mel: (0, 1), applied as no-ops.
     # Our default model sets them from its corpus: on raw log mels (mean ~-5, std ~2.5) a small estimator
@@ -166,6 +175,10 @@ class FlowConfig:
             raise ValueError(
                 f"flow prediction must be 'velocity', 'data' or 'residual', got {self.prediction!r}"
             )
+        if not 0.0 <= self.ode_weight <= 1.0:
+            raise ValueError(f"flow ode_weight must be in [0, 1], got {self.ode_weight}")
+        if not self.temperature >= 0:
+            raise ValueError(f"flow temperature must be >= 0, got {self.temperature}")
         if not self.mel_std > 0:
             raise ValueError(f"flow mel_std must be positive, got {self.mel_std}")
         if self.cfg_steps is not None and (not isinstance(self.cfg_steps, int) or self.cfg_steps < 0):
@@ -933,6 +946,7 @@ class _ODE:
         slots: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
         self.mu2, self.spks2, self.cond2 = (torch.cat([v, torch.zeros_like(v)]) for v in (mu, spks, cond))
+        self.mu = mu
         self.mask = mu.new_ones(_CFG_BATCH, 1, mu.shape[-1])
         self.x = noise.to(mu.dtype)
         self.allowed, self.grid = allowed, grid
@@ -977,6 +991,15 @@ class _ODE:
             old = tuple(t[:r] if t.shape[0] > r else t.expand(r, *t.shape[1:]) for t in old)
             buffers = None
         return CacheWalk(old, self.collect, self.kv_dtype, self.share, buffers)
+
+    def result(self, ode_weight: float = 1.0) -> Tensor:
+        """The end point [1, M, n] in the ODE's space: x, or mu + w (x - mu) (``FlowConfig.ode_weight``;
+        0: mu, the ODE took no steps)."""
+        if ode_weight == 1.0:
+            return self.x
+        if ode_weight == 0.0:
+            return self.mu
+        return self.mu + ode_weight * (self.x - self.mu.to(self.x.dtype))
 
     def advance(self, v: Tensor, walk: CacheWalk, cfg_rate: float, data: bool = False) -> None:
         """Apply the step: v [2, M, n] is the estimator's output for this ODE's CFG pair ([1, M, n] on an
@@ -1105,6 +1128,8 @@ class Flow(nn.Module):
                 f"prompt + speech too long for the flow: {f1} mel frames > {self.cfg.noise_frames} "
                 f"({self.cfg.noise_seconds} s)"
             )
+        if self.cfg.temperature != 1.0:
+            return self.noise[:, :, f0:f1] * self.cfg.temperature
         return self.noise[:, :, f0:f1]
 
     def _time_grid(self, device: torch.device, steps: int | None = None) -> list[tuple[Tensor, Tensor]]:
@@ -1112,6 +1137,8 @@ class Flow(nn.Module):
 
         ``steps``: the number of Euler steps (None: ``n_timesteps``)."""
         n = self.cfg.n_timesteps if steps is None else steps
+        if n == 0:
+            return []
         span = torch.linspace(0, 1, n + 1, device=device, dtype=torch.float32)
         if self.cfg.t_scheduler == "cosine":
             span = 1 - torch.cos(span * 0.5 * torch.pi)
@@ -1137,7 +1164,7 @@ class Flow(nn.Module):
         ode = self._ode(mu, spks, cond, noise, allowed, caches, buffers, collect, kv_dtype, share)
         while not ode.done:
             self._euler_step([ode])
-        return self._mel_out(ode.x), tuple(ode.new), tuple(ode.new_buffers)
+        return self._mel_out(ode.result(self.cfg.ode_weight)), tuple(ode.new), tuple(ode.new_buffers)
 
     def _ode(
         self, mu: Tensor, spks: Tensor, cond: Tensor, noise: Tensor, allowed: Tensor | None,
@@ -1147,6 +1174,8 @@ class Flow(nn.Module):
         """The ODE of one block over ``steps`` Euler steps (None: ``n_timesteps``). ``caches`` made on a grid
         of another length are read at the nearest time (``FlowConfig.first_chunk_steps``)."""
         steps = self.cfg.n_timesteps if steps is None else steps
+        if self.cfg.ode_weight == 0.0:  # the mel is mu itself: no estimator call
+            steps = 0
         grid = self._time_grid(mu.device, steps)
         slots = None
         if caches and len(caches) != steps:
@@ -1246,7 +1275,8 @@ class Flow(nn.Module):
         position rows of every Conformer block; the token-rate blocks hold one row per r frames.
         """
         cfg, est, enc = self.cfg, self.cfg.estimator, self.cfg.encoder
-        kv = sum(cfg.cfg_rows(cfg.n_timesteps)) * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
+        steps = 0 if cfg.ode_weight == 0.0 else cfg.n_timesteps  # ode_weight 0: no ODE, no estimator cache
+        kv = sum(cfg.cfg_rows(steps)) * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
         encoder = 3 * enc.d_model * (enc.n_blocks / cfg.token_mel_ratio + enc.n_up_blocks)
         return kv * torch.finfo(cache_dtype).bits / 8 + encoder * self.noise.element_size()
 
@@ -1367,7 +1397,7 @@ class Flow(nn.Module):
             state = replace(block.state, redo=_Redo(block.redo))
         else:
             state = replace(block.state, estimator=tuple(o.new), estimator_buffers=tuple(o.new_buffers))
-        return self._mel_out(o.x[:, :, block.in_prompt :]), state
+        return self._mel_out(o.result(self.cfg.ode_weight)[:, :, block.in_prompt :]), state
 
     def _settle(self, state: FlowStream) -> FlowStream:
         """``state`` with its estimator caches complete (solves a pending first-block ODE, once)."""

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from cosyvoice2.fileio import atomic_path, atomic_write_text  # noqa: F401 (re-exported)
 
 from ..default_model import config_from_dict, config_to_dict
+from ..errors import ModelLoadError
 from .data import BatchStream
 
 CKPT_DIR = "ckpt"
@@ -111,6 +112,14 @@ class TrainConfig:
     # r"encoder\.blocks\.[3-5]\.(attn\.out|ff\.fc2)\.", makes those blocks the identity: the grown network
     # starts as the one it came from.
     init_zero: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # steps are taken modulo these: 0 would fail mid-run (after the model is built), not here
+        for name in ("log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0 (0: no dev evaluation), got {self.eval_every}")
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -722,7 +731,11 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
 
 
 def train_config(recipe: Mapping[str, Any]) -> TrainConfig:
-    return config_from_dict(TrainConfig, recipe.get("train", {}), "[train]")
+    """The ``[train]`` table; a bad value ends the command with its message (no traceback)."""
+    try:
+        return config_from_dict(TrainConfig, recipe.get("train", {}), "[train]")
+    except ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def configure_threads(cfg: TrainConfig) -> None:

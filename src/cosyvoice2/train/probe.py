@@ -126,10 +126,21 @@ def _flow_for_probe(args):
         changes["cfg_rate"] = args.cfg_rate
     if args.flow_steps is not None:
         changes["n_timesteps"] = args.flow_steps
+    if args.temperature is not None:
+        changes["temperature"] = args.temperature
     if changes:
         net.cfg = dataclasses.replace(net.cfg, **changes)
     if args.prior:
         net._solve = lambda mu, *a, **k: (net._mel_out(mu), None, None)
+    elif args.ode_weight is not None:  # mu + w (ODE - mu): between the prior (0) and the sampler (1)
+        solve, w = net._solve, args.ode_weight
+
+        def blended(mu, *a, **k):
+            mel, caches, buffers = solve(mu, *a, **k)
+            prior = net._mel_out(mu)
+            return prior + w * (mel - prior), caches, buffers
+
+        net._solve = blended
     return net
 
 
@@ -294,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hift", default="", help="flow probe: also vocode with this HiFT run")
     ap.add_argument("--cfg-rate", type=float, default=None, help="flow probe: guidance strength")
     ap.add_argument("--flow-steps", type=int, default=None, help="flow probe: Euler steps")
+    ap.add_argument("--temperature", type=float, default=None, help="flow probe: starting noise scale")
+    ap.add_argument("--ode-weight", type=float, default=None, help="flow probe: mu + w (ODE - mu)")
     ap.add_argument("--prior", action="store_true", help="flow probe: render the encoder's mu (no ODE)")
     ap.add_argument(
         "--no-griffin-lim", action="store_true", help="flow probe with --hift: skip the Griffin-Lim rows"
