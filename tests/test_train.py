@@ -691,6 +691,12 @@ def test_native_roundtrip_synthesises(tmp_path):
     export_main(["--base", str(tmp_path / "m1"), "--flow", str(tmp_path / "new_flow.safetensors"),
                  "--out", str(tmp_path / "m1")])  # fmt: skip
     assert cosyvoice2.load(tmp_path / "m1", text_backend="none").models.prompt_language == "never"
+    # --flow-ode-weight sets the flow's sampler blend, with or without a new flow
+    export_main(["--base", str(tmp_path / "m1"), "--flow-ode-weight", "0.75", "--out", str(tmp_path / "m3")])
+    assert cosyvoice2.load(tmp_path / "m3", text_backend="none").models.flow.cfg.ode_weight == 0.75
+    export_main(["--base", str(tmp_path / "m3"), "--flow", str(tmp_path / "new_flow.safetensors"),
+                 "--flow-ode-weight", "0.5", "--out", str(tmp_path / "m3")])  # fmt: skip
+    assert cosyvoice2.load(tmp_path / "m3", text_backend="none").models.flow.cfg.ode_weight == 0.5
     # --base with an LM run that trained its own BPE (pinyin units): the BPE comes along
     run = tmp_path / "lm_run"
     train_bpe(TEXTS * 3 + ["白日依山尽"] * 3, run / "text_tokenizer", 300, units="pinyin")

@@ -21,6 +21,7 @@ its built-in voices as they are: one session's update of the default model touch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -164,7 +165,14 @@ def main(argv: list[str] | None = None) -> None:
         help="when the LM continues from a voice's transcript (model_dir.Models.prompt_language; default: "
         "the base's, else match)",
     )
+    ap.add_argument(
+        "--flow-ode-weight",
+        type=float,
+        help="the flow's FlowConfig.ode_weight in the exported config (default: the flow's own)",
+    )
     args = ap.parse_args(argv)
+    if args.flow_ode_weight is not None and not 0.0 <= args.flow_ode_weight <= 1.0:
+        ap.error(f"--flow-ode-weight must be in [0, 1], got {args.flow_ode_weight}")
     if args.base is not None:
         return update_native(args)
 
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                 else args.runs / sub
             )
         nets[kind] = network_from_run(kind, given)
+    if args.flow_ode_weight is not None:
+        nets["flow"].cfg = dataclasses.replace(nets["flow"].cfg, ode_weight=args.flow_ode_weight)
     if args.speakers == "all":
         from .data import read_manifest
 
@@ -273,6 +283,8 @@ def update_native(args: argparse.Namespace) -> None:
             raw.setdefault("info", {})["replaced"] = {k: str(v) for k, v in replaced.items()}
         if args.prompt_language is not None:
             raw["prompt_language"] = args.prompt_language
+        if args.flow_ode_weight is not None:
+            raw["flow"]["ode_weight"] = args.flow_ode_weight
         text = json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
         (tmp / NATIVE_CONFIG).write_text(text, encoding="utf-8")
         read_native_config(tmp)  # the result must load before it replaces anything
