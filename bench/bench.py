@@ -64,8 +64,9 @@ VARIANTS = {  # (compute choice, explicit speed options) of each timed variant (
     "fast-flow-int8": ("fast", {"flow_quant": "int8"}),  # A/B of the flow's precision on bf16 CPUs
     "fast-flow-fp32": ("fast", {"flow_quant": "fp32"}),  # fast's LM, the flow as exact's
     "fast-vocoder-fp32": ("fast", {"vocoder_quant": "fp32"}),  # A/B of the vocoder's precision
-    # fast + a 4-step first chunk (FlowConfig.first_chunk_steps): what the first packet would be if the
-    # sampler lever joined fast; later chunks stay exact (bench/README "Flow sampler levers")
+    # fast's first streamed chunk takes 3 Euler steps (cpu.FAST_FIRST_CHUNK_STEPS) since 2026-12-07; these
+    # vary it (10: the first chunk as exact's); later chunks stay exact (bench/README "Flow sampler levers")
+    "fast-first10": ("fast", {"first_chunk_steps": 10}),
     "fast-first4": ("fast", {"first_chunk_steps": 4}),
     "fast-first3": ("fast", {"first_chunk_steps": 3}),
     "int8": ("exact", {"lm_quant": "int8", "flow_quant": "int8"}),

@@ -18,7 +18,10 @@
 #                                         LMUNITS=UNITS: the LM on a new BPE over those text units;
 #                                         NETS="lm" (or "flow"): only those; LMSET="k=v ...": extra --set for the LM
 #                                         (FLOWSET likewise for the flow, e.g. "train.lr=5e-4");
-#                                         PROCS=2: each network as 2 data-parallel ranks (torchrun)
+#                                         PROCS=2: each network as 2 data-parallel ranks (torchrun); stop
+#                                         such a run early with `pkill -TERM -f cosyvoice2.train.NET` (its
+#                                         ranks save and agree on the step); a SIGTERM to torchrun itself
+#                                         kills the ranks before they save (back to the last save_every)
 #   recipes/session.sh hift MIN [SNAP]    in the background, 1 thread: the vocoder from the shipped one on
 #                                         snapshot data/SNAP (default cb5), mel + STFT + f0 losses, its
 #                                         source driven by its own predicted f0 (the inference condition)

@@ -108,16 +108,19 @@ def test_fast_plan_per_cpu_kind(extra, arch, kind, lm, flow, vocoder):
     assert fast.load_options()["vocoder_quant"] == (None if vocoder == "fp32" else vocoder)
     exact = cpu.plan("exact", features)
     assert (exact.lm, exact.flow, exact.vocoder) == ("fp32", "fp32", "fp32")
-    levers = {"cfg_steps": None, "first_chunk_steps": None}  # sampler levers: off in every plan
+    levers = {"cfg_steps": None, "first_chunk_steps": None}  # sampler levers: off in exact
     plain = {"lm_quant": None, "flow_quant": None, "flow_steps": None, "vocoder_quant": None}
     assert exact.load_options() == plain | levers
-    assert fast.load_options()["cfg_steps"] is None and fast.load_options()["first_chunk_steps"] is None
+    # fast: only the first streamed chunk's step count, on every CPU kind (a sampler choice, not a kernel's)
+    assert fast.load_options()["cfg_steps"] is None
+    assert fast.load_options()["first_chunk_steps"] == cpu.FAST_FIRST_CHUNK_STEPS
+    assert "first_chunk_steps" in fast.reasons
 
 
 def test_overrides_win_and_are_reported():
     p = cpu.plan("fast", _cpu("avx512_bf16 avx512_vnni")).with_overrides("bf16", "fp32", 5, vocoder="fp32")
     assert p.load_options() == {
-        "lm_quant": "bf16", "flow_quant": None, "flow_steps": 5, "cfg_steps": None, "first_chunk_steps": None,
+        "lm_quant": "bf16", "flow_quant": None, "flow_steps": 5, "cfg_steps": None, "first_chunk_steps": 3,
         "vocoder_quant": None,
     }  # fmt: skip
     assert p.reasons["lm"] == p.reasons["flow"] == p.reasons["flow_steps"] == "set by the caller"

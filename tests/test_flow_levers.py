@@ -321,9 +321,11 @@ def test_levers_through_load_and_the_engine(fixtures: Path) -> None:
         tts.close()
     defaults = inspect.signature(load).parameters
     assert defaults["cfg_steps"].default is None and defaults["first_chunk_steps"].default is None
-    for compute in ("exact", "fast"):  # neither plan turns the levers on (bench/README.md: why)
+    for compute in ("exact", "fast"):  # partial guidance is in neither plan (bench/README.md: why)
         assert cpu.plan(compute).load_options()["cfg_steps"] is None
-        assert cpu.plan(compute).load_options()["first_chunk_steps"] is None
+    # the first chunk's steps: exact keeps the official sampler; fast cuts them (measured, bench/README.md)
+    assert cpu.plan("exact").load_options()["first_chunk_steps"] is None
+    assert cpu.plan("fast").load_options()["first_chunk_steps"] == cpu.FAST_FIRST_CHUNK_STEPS
 
 
 # -- ode_weight and temperature (model settings of the default model, not speed levers) ------------------

@@ -23,9 +23,12 @@
     full size, 100 mel frames, 1 thread, AMX: 0.25-0.29 s CPU against 0.52-0.56 s, audio within 0.9 %
     RMS); elsewhere float32 (int8 convolutions are not offered).
 
-Fewer ODE steps (``flow_steps``, ``first_chunk_steps``) and guidance on part of the steps (``cfg_steps``)
-are not part of ``fast``: they change the sampler, not only rounding, and their quality cost needs
-trained-model measurements (WER, speaker similarity) first (bench/README.md "Flow sampler levers").
+``fast`` also solves a stream's first chunk in 3 Euler steps (``first_chunk_steps=3``; every later chunk is
+exact streaming's): the saved-voice first packet fell 1.25 -> 0.66 s (full size, AMX, 2 threads, quiet),
+and on the default model the streamed WER and similarity stayed within the budget (<= 1 point, <= 0.01;
+bench/README.md). Fewer ODE steps everywhere (``flow_steps``) and guidance on part of the steps
+(``cfg_steps``) are not part of ``fast``: they change the sampler of every chunk, and their quality cost on a
+trained model is not measured (bench/README.md "Flow sampler levers").
 Explicit ``lm_quant``/``flow_quant``/``flow_steps``/``cfg_steps``/``first_chunk_steps`` arguments of
 ``load`` override the plan's entries.
 
@@ -43,6 +46,7 @@ from pathlib import Path
 from .errors import InputError
 
 COMPUTE_CHOICES = ("exact", "fast")
+FAST_FIRST_CHUNK_STEPS = 3  # ``fast``'s Euler steps for a stream's first chunk (module docstring)
 PRECISIONS = ("fp32", "int8", "bf16")  # what ``lm``/``flow`` of a plan can be
 
 # /proc/cpuinfo flags that decide the plan (reported by bench.py so results from machines can be compared)
@@ -225,4 +229,10 @@ def plan(compute: str = "exact", cpu: CpuFeatures | None = None) -> ComputePlan:
         if cpu.native_bf16
         else "float32: no native bf16 (emulated bf16 is slower than float32)"
     )
-    return ComputePlan("fast", cpu.kind, lm, flow, vocoder, reasons=reasons)
+    reasons["first_chunk_steps"] = (
+        "first packet: a stream's first chunk in 3 Euler steps (1.25 -> 0.66 s, AMX); streamed WER and "
+        "similarity within budget on the default model"
+    )
+    return ComputePlan(
+        "fast", cpu.kind, lm, flow, vocoder, reasons=reasons, first_chunk_steps=FAST_FIRST_CHUNK_STEPS
+    )
