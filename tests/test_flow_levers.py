@@ -354,6 +354,11 @@ def test_ode_weight_blends_the_sampler_with_the_encoder_mean(small: dict) -> Non
         chunked = net.inference(tokens, *prompt, streaming=True, finalize=True)
         outs = _stream(net, net.stream_start(*prompt, static_chunks=True), tokens, _official_hops(small))
         torch.testing.assert_close(torch.cat(outs, -1), chunked, atol=ATOL, rtol=0)
+    # with no ODE there is nothing for the first-chunk lever to cut: fast's plan leaves the stream as it was
+    quick = _variant(small, ode_weight=0.0, first_chunk_steps=3)
+    hops = _growing_hops(prior, tokens.shape[1])
+    out = _stream(quick, quick.stream_start(*prompt), tokens, hops)
+    assert all(torch.equal(a, b) for a, b in zip(out, streamed0))
     # mu is block-causal in streaming as in the official encoder: within the same bound as its sampler
     offline = mel0
     chunked = prior.inference(tokens, *prompt, streaming=True, finalize=True)
