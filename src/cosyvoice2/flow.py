@@ -128,8 +128,8 @@ class FlowConfig:
     noise_seconds: int = 300  # length of the fixed noise table (official: 50 * 300 frames)
     noise_seed: int = 0
     # Scale of the ODE's starting noise (the official solver's ``temperature``, which it calls with 1.0).
-    # Below 1 the sampler stays nearer the conditional mean: our small default flow reads better that way
-    # (its sampled detail costs more words than it adds, recipes/README.md "ninth session").
+    # Below 1 the sampler stays nearer the conditional mean; on our default flow 0-0.5 moved gate (b) by no
+    # more than its noise (recipes/README.md "ninth session"): the noise is not what costs words.
     temperature: float = 1.0
     # The mel is mu + ode_weight (x_ODE - mu) in the ODE's space: 1 is the official sampler bit for bit; 0 is
     # the encoder's mean mu alone, with no estimator call (the ODE takes zero steps). Not official. Our small
@@ -186,6 +186,13 @@ class FlowConfig:
         first = self.first_chunk_steps
         if first is not None and (not isinstance(first, int) or first < 1):
             raise ValueError(f"flow first_chunk_steps must be None or an integer >= 1, got {first!r}")
+
+    def ode_steps(self, steps: int | None = None) -> int:
+        """Euler steps a block's ODE takes: ``steps`` (None: ``n_timesteps``), or 0 when ``ode_weight`` is 0
+        (the mel is mu itself: no estimator call, no estimator cache)."""
+        if self.ode_weight == 0.0:
+            return 0
+        return self.n_timesteps if steps is None else steps
 
     def cfg_rows(self, steps: int) -> tuple[int, ...]:
         """Estimator rows of each Euler step of a ``steps``-step grid: 2 (guided: conditional +
@@ -1173,9 +1180,7 @@ class Flow(nn.Module):
     ) -> _ODE:  # fmt: skip
         """The ODE of one block over ``steps`` Euler steps (None: ``n_timesteps``). ``caches`` made on a grid
         of another length are read at the nearest time (``FlowConfig.first_chunk_steps``)."""
-        steps = self.cfg.n_timesteps if steps is None else steps
-        if self.cfg.ode_weight == 0.0:  # the mel is mu itself: no estimator call
-            steps = 0
+        steps = self.cfg.ode_steps(steps)
         grid = self._time_grid(mu.device, steps)
         slots = None
         if caches and len(caches) != steps:
@@ -1275,8 +1280,7 @@ class Flow(nn.Module):
         position rows of every Conformer block; the token-rate blocks hold one row per r frames.
         """
         cfg, est, enc = self.cfg, self.cfg.estimator, self.cfg.encoder
-        steps = 0 if cfg.ode_weight == 0.0 else cfg.n_timesteps  # ode_weight 0: no ODE, no estimator cache
-        kv = sum(cfg.cfg_rows(steps)) * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
+        kv = sum(cfg.cfg_rows(cfg.ode_steps())) * 2 * est.n_attention_blocks * est.n_heads * est.head_dim
         encoder = 3 * enc.d_model * (enc.n_blocks / cfg.token_mel_ratio + enc.n_up_blocks)
         return kv * torch.finfo(cache_dtype).bits / 8 + encoder * self.noise.element_size()
 

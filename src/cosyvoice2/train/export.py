@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
         help="the flow's FlowConfig.ode_weight in the exported config (default: the flow's own)",
     )
     args = ap.parse_args(argv)
-    if args.flow_ode_weight is not None and not 0.0 <= args.flow_ode_weight <= 1.0:
-        ap.error(f"--flow-ode-weight must be in [0, 1], got {args.flow_ode_weight}")
+    if args.flow_ode_weight is not None:
+        from ..flow import FlowConfig
+
+        try:  # FlowConfig's own rule, before any network is read
+            FlowConfig(ode_weight=args.flow_ode_weight)
+        except ValueError as e:
+            ap.error(str(e))
     if args.base is not None:
         return update_native(args)
 

@@ -116,8 +116,9 @@ def probe_hift(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
 
 
 def _flow_for_probe(args):
-    """The flow of ``--run`` with the sampler settings of ``--cfg-rate`` / ``--flow-steps``; ``--prior``
-    renders the encoder's mean mu itself (no ODE): what the estimator adds is the difference."""
+    """The flow of ``--run`` with the sampler settings of ``--cfg-rate``, ``--flow-steps``, ``--temperature``
+    and ``--ode-weight``; ``--prior`` (ode_weight 0) renders the encoder's mean mu itself (no ODE): what
+    the estimator adds is the difference."""
     import dataclasses
 
     net = network_from_run("flow", args.run)
@@ -128,19 +129,10 @@ def _flow_for_probe(args):
         changes["n_timesteps"] = args.flow_steps
     if args.temperature is not None:
         changes["temperature"] = args.temperature
+    if args.prior or args.ode_weight is not None:  # FlowConfig.ode_weight: mu + w (ODE - mu); --prior is 0
+        changes["ode_weight"] = 0.0 if args.prior else args.ode_weight
     if changes:
         net.cfg = dataclasses.replace(net.cfg, **changes)
-    if args.prior:
-        net._solve = lambda mu, *a, **k: (net._mel_out(mu), None, None)
-    elif args.ode_weight is not None:  # mu + w (ODE - mu): between the prior (0) and the sampler (1)
-        solve, w = net._solve, args.ode_weight
-
-        def blended(mu, *a, **k):
-            mel, caches, buffers = solve(mu, *a, **k)
-            prior = net._mel_out(mu)
-            return prior + w * (mel - prior), caches, buffers
-
-        net._solve = blended
     return net
 
 
