@@ -26,9 +26,10 @@
 ``fast`` also solves a stream's first chunk in 3 Euler steps (``first_chunk_steps=3``; every later chunk is
 exact streaming's): the saved-voice first packet fell 1.25 -> 0.66 s (full size, AMX, 2 threads, quiet);
 on the default model (48 sentences per language) the streamed error moved -2.3 to +1.1 points per condition,
-mean -0.6, every 95 % interval across zero, and similarity +0.001 (bench/README.md). Fewer ODE steps everywhere (``flow_steps``) and guidance on part of the steps
-(``cfg_steps``) are not part of ``fast``: they change the sampler of every chunk, and their quality cost on a
-trained model is not measured (bench/README.md "Flow sampler levers").
+mean -0.6, every 95 % interval across zero, and similarity +0.001 (bench/README.md). Fewer ODE steps
+everywhere (``flow_steps``) and guidance on part of the steps (``cfg_steps``) are not part of ``fast``: they
+change the sampler of every chunk, and their quality cost on a trained model is not measured
+(bench/README.md "Flow sampler levers").
 Explicit ``lm_quant``/``flow_quant``/``flow_steps``/``cfg_steps``/``first_chunk_steps`` arguments of
 ``load`` override the plan's entries.
 
