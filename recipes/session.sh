@@ -42,7 +42,8 @@
 #                                         mean Whisper error per utterance; THREADS=1|2; RAW=FILE keeps
 #                                         the probe's rows (per utterance, for paired comparisons)
 #                                         CACHE=DIR: the tokens (default exp/cache_big); PROBEARGS="...":
-#                                         extra probe options (--cfg-rate R, --flow-steps N, --prior)
+#                                         extra probe options (--cfg-rate R, --flow-steps N, --prior);
+#                                         SPLIT=train: rows the flow trained on (memorised or underfit?)
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
 #   recipes/session.sh lmrank LM [N]      the LM alone, on N held-out-sentence rows per language of
 #                                         recipes/lm_data (no audio needed): tokens it samples from the text,
@@ -121,6 +122,7 @@ for line in sys.stdin:
 import json, os
 src, dst = 'data/corpus_big', 'data/corpus'
 keep = []
+os.makedirs(dst, exist_ok=True)
 for line in open(f'{src}/manifest.jsonl'):
     r = json.loads(line)
     if r['split'] in ('test', 'test_unseen_speaker') and int(r['id'].rsplit('-', 1)[1]) < 854 \\
@@ -237,7 +239,7 @@ rows = [json.loads(l) for l in open('$corpus/manifest.jsonl')]
 rows = [r for r in rows if os.path.exists(os.path.join('$corpus', r['audio']))]
 for lang in ('en', 'zh'):
     # round-robin over the held-out speakers (ids sort by speaker first)
-    pick = sorted(r['id'] for r in rows if r['split'] == 'test_unseen_speaker' and r['language'] == lang)
+    pick = sorted(r['id'] for r in rows if r['split'] == '${SPLIT:-test_unseen_speaker}' and r['language'] == lang)
     by_speaker = {}
     for i in pick:
         by_speaker.setdefault(i.split('-')[0], []).append(i)

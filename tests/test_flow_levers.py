@@ -373,3 +373,30 @@ def test_temperature_scales_the_starting_noise(small: dict) -> None:
     for bad in ({"ode_weight": 1.5}, {"ode_weight": -0.1}, {"temperature": -1.0}):
         with pytest.raises(ValueError):
             FlowConfig(**bad)
+
+
+# -- speaker_mu (a model option of the default model, not official) --------------------------------------
+
+
+def test_speaker_mu_starts_as_its_source_and_streams_like_offline(small: dict) -> None:
+    """Zero-initialised, the FiLM leaves every output as the flow it warm-starts from; trained (here:
+    random), it moves mu by speaker, and static-chunk streaming still equals the chunk-masked offline call."""
+    flow, prompt, tokens = small["flow"], small["prompt"], small["tokens"]
+    assert flow.mu_film is None and "mu_film.weight" not in flow.state_dict()  # official layout unchanged
+    film = Flow(dataclasses.replace(flow.cfg, speaker_mu=True)).eval()
+    missing, unexpected = film.load_state_dict(flow.state_dict(), strict=False)
+    assert sorted(missing) == ["mu_film.bias", "mu_film.weight"] and not unexpected
+    ref = flow.inference(tokens, *prompt, streaming=False, finalize=True)
+    torch.testing.assert_close(
+        film.inference(tokens, *prompt, streaming=False, finalize=True), ref, atol=0, rtol=0
+    )
+    with torch.no_grad():
+        film.mu_film.weight.normal_(std=0.5)
+        film.mu_film.bias.normal_(std=0.1)
+    moved = film.inference(tokens, *prompt, streaming=False, finalize=True)
+    assert (moved - ref).abs().mean() > 1e-3
+    other = (prompt[0], prompt[1], -prompt[2])  # another speaker embedding: another mu
+    assert (film.inference(tokens, *other, streaming=False, finalize=True) - moved).abs().mean() > 1e-3
+    chunked = film.inference(tokens, *prompt, streaming=True, finalize=True)
+    outs = _stream(film, film.stream_start(*prompt, static_chunks=True), tokens, _official_hops(small))
+    torch.testing.assert_close(torch.cat(outs, -1), chunked, atol=ATOL, rtol=0)

@@ -5,7 +5,8 @@
 ``Flow`` is an inference module; the training forward lives here and calls its submodules (SPEC §14):
 
 1. speaker embedding -> L2 normalise -> ``spk_proj`` -> ``spks`` [B, M];
-2. tokens -> ``token_embed`` (padding zeroed) -> ``TokenEncoder`` -> ``encoder_proj`` -> ``mu`` [B, M, T];
+2. tokens -> ``token_embed`` (padding zeroed) -> ``TokenEncoder`` -> (``mu_film`` from ``spks``, with
+   ``speaker_mu``) -> ``encoder_proj`` -> ``mu`` [B, M, T];
 3. ``cond``: for each utterance with probability ``prompt_prob``, a random prefix (0 .. ``prompt_max`` of its
    frames) of the target mel, zeros elsewhere: the model learns to continue a prompt;
 4. OT-CFM: t ~ U(0, 1) (cosine-warped like the sampler's grid), z ~ N(0, I),
@@ -79,9 +80,9 @@ class FlowObjective(nn.Module):
         x = flow.token_embed(tokens.clamp(min=0)) * valid_tok[..., None]
         streaming = bool(torch.rand(()) < tc.chunk_prob)
         h, frame_mask = flow.encoder(x, token_lens, streaming=streaming)  # [B, T, D], [B, 1, T]
-        mu = mu_full = flow.encoder_proj(h).transpose(1, 2)  # [B, M, T]
-        mask = frame_mask.to(x1.dtype)
         spks = flow.spk_proj(F.normalize(batch["embedding"], dim=1))
+        mu = mu_full = flow.mu(h, spks)  # [B, M, T]
+        mask = frame_mask.to(x1.dtype)
 
         frames = token_lens * flow.cfg.token_mel_ratio
         cond = torch.zeros_like(x1)
