@@ -1374,6 +1374,15 @@ def _resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
+def paired_mean_interval(
+    base: np.ndarray, other: np.ndarray, n_boot: int, seed: int
+) -> tuple[float | None, float | None]:
+    """The COMPARE_CONFIDENCE paired bootstrap interval of mean(other) - mean(base) over matched items
+    [n]; also what ``recipes/paired.py`` reads probe rows with."""
+    idx = _resample_indices(len(base), n_boot, seed)
+    return _percentile_interval(other[idx].mean(axis=1) - base[idx].mean(axis=1))
+
+
 def _corpus_rates(edits: np.ndarray, units: np.ndarray) -> np.ndarray:
     """Corpus-level error rate of each resample (rows of gathered items), NaN where it has no units."""
     total_units = units.sum(axis=-1).astype(np.float64)
@@ -1453,8 +1462,7 @@ def _compare_similarity(
     interval of the difference of means. Only a drop counts against the budget."""
     base = np.array([b["speaker_similarity"] for b, _ in pairs], np.float64)
     other = np.array([o["speaker_similarity"] for _, o in pairs], np.float64)
-    idx = _resample_indices(len(pairs), n_boot, seed)
-    lo, hi = _percentile_interval(other[idx].mean(axis=1) - base[idx].mean(axis=1))
+    lo, hi = paired_mean_interval(base, other, n_boot, seed)
     cost_lo, cost_hi = (None, None) if lo is None or hi is None else (-hi, -lo)
     return {
         "n": len(pairs),
