@@ -141,8 +141,9 @@ class FlowConfig:
     # before ``encoder_proj``. The official encoder sees only tokens, so mu is the mel of an average voice
     # and the estimator alone must turn it into the prompt's voice; in our small default flow that estimator
     # carries the voice and garbles the words (``ode_weight`` above: mu alone read ~15 points better, and
-    # mu + 0.5 (ODE - mu) lost 0.06 similarity). With the speaker in mu the prior loss fits a voice-specific mean, so less of
-    # the voice rests on the estimator. Zero-initialised (``mu_film``): a warm start begins as its source.
+    # mu + 0.5 (ODE - mu) lost 0.06 similarity). With the speaker in mu the prior loss fits a voice-specific
+    # mean, so less of the voice rests on the estimator. Zero-initialised (``mu_film``): a warm start begins
+    # as its source.
     speaker_mu: bool = False
     # The ODE runs on (mel - mel_mean) / mel_std, so that the data has the noise's scale (Matcha-TTS does the
     # same with per-bin statistics). The official model works on the raw log mel: (0, 1), applied as no-ops.
