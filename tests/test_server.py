@@ -1002,15 +1002,18 @@ def test_audio_budget_gives_413(tts, tmp_path):
         for _ in tts.stream(iter(["Hi ", "there."]), voice=voice, seed=0, max_tokens=2):
             pass
     assert len(tts.synthesize(SHORT, voice=voice, seed=0, max_tokens=500)) > 0
-    # 0.3 MB of flow state is 2 tokens of the fixture model: every request is over it.
+    # 0.3 MB of flow state is 2 tokens of the fixture model: every request is over it. A sentence, not
+    # SHORT, and a seed: unseeded, the fixture LM ended a streamed "Hi." within 2 tokens 2 times in 40.
+    text = LONG.split(". ")[0] + "."
     with LiveServer(tts, data_dir=tmp_path, max_request_mb=0.3) as srv, srv.client() as c:
         assert srv.app.state.server.max_tokens == 2
         voice_id = upload_voice(c, prompt_wav()).json()["id"]
         for stream in (False, True):
-            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": voice_id, "stream": stream})
+            body = {"input": text, "voice": voice_id, "stream": stream, "seed": 0}
+            r = c.post("/v1/audio/speech", json=body)
             assert_error(r, 413, "audio_too_long")
         with ws_client.connect(srv.ws_url, open_timeout=10) as ws:
-            ws.send(json.dumps({"type": "start", "voice": voice_id, "text": SHORT}))
+            ws.send(json.dumps({"type": "start", "voice": voice_id, "text": text, "seed": 0}))
             ws.send(json.dumps({"type": "end"}))
             msgs = []
             with contextlib.suppress(ConnectionClosed):
