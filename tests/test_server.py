@@ -39,7 +39,8 @@ from cosyvoice2.server.voices import VoiceStore, clean_name, valid_id  # noqa: E
 
 SR = 24000
 SHORT = "Hi."  # with seed 0, under a second of audio from the fixture model
-LONG = " ".join(["This is a long sentence that keeps the model busy for a while."] * 12)
+SENTENCE = "This is a long sentence that keeps the model busy for a while."
+LONG = " ".join([SENTENCE] * 12)
 
 
 def model_dir() -> Path:
@@ -1003,8 +1004,8 @@ def test_audio_budget_gives_413(tts, tmp_path):
             pass
     assert len(tts.synthesize(SHORT, voice=voice, seed=0, max_tokens=500)) > 0
     # 0.3 MB of flow state is 2 tokens of the fixture model: every request is over it. A sentence, not
-    # SHORT, and a seed: unseeded, the fixture LM ended a streamed "Hi." within 2 tokens 2 times in 40.
-    text = LONG.split(". ")[0] + "."
+    # SHORT, and a seed: with seeds 0-39 the fixture LM ended a streamed "Hi." within 2 tokens twice.
+    text = SENTENCE
     with LiveServer(tts, data_dir=tmp_path, max_request_mb=0.3) as srv, srv.client() as c:
         assert srv.app.state.server.max_tokens == 2
         voice_id = upload_voice(c, prompt_wav()).json()["id"]
