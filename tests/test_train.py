@@ -311,7 +311,7 @@ def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
         "max_steps": 10_000,
     }
     train.update(max_minutes=1e-4, warmup_steps=0, batch_seconds=100.0, log_every=1, save_every=10_000)
-    train.update(num_workers=0, threads=1, eval_every=1)
+    train.update(num_workers=0, threads=1, eval_every=1, ema_decay=0.5)
     recipe.write_text(
         _toml({"train": train, "model": model, "flow": {"mel_cache": True, "prior_weight": 1.0}})
     )
@@ -325,9 +325,37 @@ def test_time_boxed_flow_run_from_the_mel_cache(tmp_path):
     dev = [r for r in rows if "dev_loss" in r]
     best = load_checkpoint(tmp_path / "run" / "ckpt" / "best.pt")
     assert dev and best["step"] == min(dev, key=lambda r: r["dev_loss"])["step"]
+    from cosyvoice2.errors import ModelLoadError
     from cosyvoice2.train.export import network_from_run
 
     assert network_from_run("flow", tmp_path / "run" / "ckpt" / "best.pt").cfg.prediction == "residual"
+    # ema_decay: the step checkpoint also holds the moving average, which CKPT@ema loads
+    last = latest_checkpoint(tmp_path / "run")
+    raw = network_from_run("flow", last).state_dict()
+    ema = network_from_run("flow", f"{last}@ema").state_dict()
+    assert set(raw) == set(ema) and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    with pytest.raises(ModelLoadError, match="no ema weights"):
+        network_from_run("flow", f"{tmp_path / 'run' / 'ckpt' / 'best.pt'}@ema")
+
+
+def test_weight_ema_follows_the_weights_with_a_warm_up():
+    """WeightEMA: lerp toward the weights by 1 - min(decay, (1 + n) / (10 + n)) per update, in float32."""
+    from cosyvoice2.train.common import WeightEMA
+
+    net = torch.nn.Linear(2, 1).half()
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = WeightEMA(net, decay=0.99)
+    assert ema.state["weight"].dtype == torch.float32
+    expected = 0.0
+    for n in range(1, 6):
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+        ema.update(net)
+        d = min(0.99, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * 1.0
+        assert torch.allclose(ema.state["weight"], torch.full((1, 2), expected)), n
+    assert torch.equal(net.weight, torch.ones(1, 2, dtype=torch.half))  # the weights themselves untouched
 
 
 def test_token_mel_table_is_the_mean_of_each_tokens_frames(tmp_path):

@@ -99,6 +99,12 @@ class TrainConfig:
     # model, config: what export reads). A run that starts to overfit keeps its best point, which the
     # newest ``keep_checkpoints`` checkpoints may no longer hold.
     keep_best: bool = True
+    # > 0: also keep an exponential moving average of the weights (decay per optimizer step, warmed up as
+    # min(decay, (1 + n) / (10 + n)) over the run's n steps), stored in each step checkpoint as "ema";
+    # `network_from_run(kind, "CKPT@ema")` (export, probe) reads it. Why: a run stopped mid-schedule ends
+    # on one noisy point of a short CPU campaign; the average over its last ~1 / (1 - decay) steps is a
+    # smoother one (the same idea as averaging checkpoints, without keeping them).
+    ema_decay: float = 0.0
     find_unused_parameters: bool = False
     threads: int = 0  # torch CPU threads per process (0: leave torch's default)
     # Warm start: a checkpoint file or run folder whose weights (those with the same name and shape) start
@@ -120,6 +126,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0 (0: no dev evaluation), got {self.eval_every}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -457,6 +465,32 @@ def save_checkpoint(out_dir: Path, payload: dict[str, Any], keep: int) -> Path:
     return path
 
 
+class WeightEMA:
+    """Exponential moving average of a module's floating-point state (parameters and float buffers), kept
+    in float32 beside the training weights; integer buffers are copied as they are."""
+
+    def __init__(self, model: nn.Module, decay: float, state: Mapping[str, Tensor] | None = None) -> None:
+        self.decay = decay
+        self.updates = 0
+        src = model.state_dict() if state is None else state
+        self.state = {
+            k: v.detach().clone().float() if v.is_floating_point() else v.clone() for k, v in src.items()
+        }
+        if set(self.state) != set(model.state_dict()):
+            raise ModelLoadError("the checkpoint's EMA weights do not match the network")
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        keys = [k for k, v in self.state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.state[k] for k in keys], [current[k].float() for k in keys], 1.0 - decay)
+        for k, v in self.state.items():
+            if not v.is_floating_point():
+                v.copy_(current[k])
+
+
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Keys under ``prefix`` (e.g. ``"net."``) with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -574,6 +608,11 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
                 print(
                     f"[{task.name}] zeroed {zeroed} tensors matching {list(cfg.init_zero)}", file=sys.stderr
                 )
+    ema = None
+    if cfg.ema_decay > 0 and d.is_main:  # every rank holds the same weights: one average is enough
+        ema = WeightEMA(model, cfg.ema_decay, ckpt.get("ema") if ckpt_path is not None else None)
+        if ckpt_path is not None:
+            ema.updates = step
     # No buffer broadcast: nothing here has running statistics, and the flow's fixed noise table is large.
     ddp = (
         DDP(model, find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
@@ -614,6 +653,8 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
             else:
                 sums["skipped"] = sums.get("skipped", 0.0) + 1
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
             step += 1
             n_sum += 1
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
@@ -647,6 +688,8 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
                         "data": stream.state(),
                         "rng": rngs,
                     }
+                    if ema is not None:
+                        payload["ema"] = ema.state
                     save_checkpoint(out_dir, payload, cfg.keep_checkpoints)
                 barrier(d)
             if bar is not None:

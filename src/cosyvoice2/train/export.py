@@ -54,20 +54,28 @@ def _classes(kind: str):
 def network_from_run(kind: str, run: str | Path) -> nn.Module:
     """The trained network of a run: a run directory, a checkpoint ``.pt`` or a network ``.safetensors``;
     ``A+B+...`` (several of those, none of which exists under the joined name): the uniform average of
-    their weights (``average_networks``)."""
+    their weights (``average_networks``); ``CKPT@ema``: the moving average of the weights that a run with
+    ``train.ema_decay`` keeps in its step checkpoints."""
     path = Path(run)
     if "+" in str(run) and not path.exists():
         return average_networks([network_from_run(kind, part) for part in str(run).split("+")])
+    weights = "model"
+    if str(run).endswith("@ema") and not path.exists():
+        path, weights = Path(str(run)[: -len("@ema")]), "ema"
     cfg_cls, model_cls = _classes(kind)
     if path.suffix == ".safetensors":
+        if weights != "model":
+            raise ModelLoadError(f"{path} is an exported network: it has no {weights} weights")
         return load_network(path, model_cls, cfg_cls)
     ckpt_path = path if path.is_file() else latest_checkpoint(path)
     if ckpt_path is None:
         raise ModelLoadError(f"no checkpoint in {path} (train the {kind} first)")
     ckpt = load_checkpoint(ckpt_path)
+    if weights not in ckpt:
+        raise ModelLoadError(f"{ckpt_path} holds no {weights} weights (its run had no train.ema_decay)")
     cfg = config_from_dict(cfg_cls, ckpt["config"]["model"], f"{ckpt_path} model config")
     model = model_cls(cfg)
-    state = strip_prefix(ckpt["model"], "net.")
+    state = strip_prefix(ckpt[weights], "net.")
     if kind == "hift":
         from ..hift import apply_weight_norm, remove_weight_norm
 

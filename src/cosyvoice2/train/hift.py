@@ -375,6 +375,8 @@ def train(
 ) -> dict[str, float]:
     model_cfg = config_from_dict(HiFTConfig, recipe["model"], "[model]")
     tc = config_from_dict(HiftTrainConfig, recipe.get("hift", {}), "[hift]")
+    if cfg.ema_decay:  # its GAN loop is its own, not common.fit's
+        raise ValueError("train.ema_decay is not supported by the vocoder's trainer")
     out_dir = Path(cfg.out_dir)
     seed_everything(cfg.seed)
     gen, disc = HiftGenerator(model_cfg).to(d.device), Discriminators(tc).to(d.device)
