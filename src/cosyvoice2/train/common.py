@@ -478,17 +478,18 @@ class WeightEMA:
         }
         if set(self.state) != set(model.state_dict()):
             raise ModelLoadError("the checkpoint's EMA weights do not match the network")
+        self._floats = [k for k, v in self.state.items() if v.is_floating_point()]
+        self._others = [k for k, v in self.state.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         current = model.state_dict()
-        keys = [k for k, v in self.state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.state[k] for k in keys], [current[k].float() for k in keys], 1.0 - decay)
-        for k, v in self.state.items():
-            if not v.is_floating_point():
-                v.copy_(current[k])
+        ema, now = [self.state[k] for k in self._floats], [current[k].float() for k in self._floats]
+        torch._foreach_lerp_(ema, now, 1.0 - decay)
+        for k in self._others:
+            self.state[k].copy_(current[k])
 
 
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
