@@ -42,9 +42,13 @@
 #                                         mean Whisper error per utterance; THREADS=1|2; RAW=FILE keeps
 #                                         the probe's rows (per utterance, for paired comparisons)
 #                                         CACHE=DIR: the tokens (default exp/cache_big); PROBEARGS="...":
-#                                         extra probe options (--cfg-rate R, --flow-steps N, --prior);
-#                                         SPLIT=train: rows the flow trained on (memorised or underfit?)
+#                                         extra probe options (--cfg-rate R, --flow-steps N, --prior,
+#                                         --reader $M/phoneme_reader.safetensors: the input tokens and the
+#                                         output audio's tokens read back as phonemes);
+#                                         SPLIT=train: rows the flow trained on (memorised or underfit?);
+#                                         GL=1: Griffin-Lim of the flow's and the recording's mel as well
 #   recipes/session.sh rankhift HIFT [N]  gate (a) likewise: the corpus mel of the same rows -> HIFT
+#                                         (PROBEARGS="--reader ..." as for rank)
 #   recipes/session.sh lmrank LM [N]      the LM alone, on N held-out-sentence rows per language of
 #                                         recipes/lm_data (no audio needed): tokens it samples from the text,
 #                                         read back as phonemes by the shipped model's phoneme_reader
@@ -224,13 +228,17 @@ print(f'{len(keep)} held-out rows taken from {src}')"
       flow=${1:?rank FLOW HIFT [N]}
       hift=${2:?rank FLOW HIFT [N]}
       n=${3:-24}
-      probe=(flow --run "$flow" --hift "$hift" --no-griffin-lim --cache "${CACHE:-exp/cache_big}")
+      probe=(flow --run "$flow" --hift "$hift" --cache "${CACHE:-exp/cache_big}")
+      # GL=1: also Griffin-Lim of the flow's mel and of the recording's (no vocoder in the way)
+      [ "${GL:-0}" = 1 ] || probe+=(--no-griffin-lim)
       # shellcheck disable=SC2206
       probe+=(${PROBEARGS:-})
     else
       hift=${1:?rankhift HIFT [N]}
       n=${2:-24}
       probe=(hift --run "$hift")
+      # shellcheck disable=SC2206
+      probe+=(${PROBEARGS:-})
     fi
     corpus=${CORPUS:-data/cb4}
     ids=$($python -c "
@@ -255,7 +263,9 @@ for lang in ('en', 'zh'):
     if r:
         for x in r:  # probe hift: cepstral peak [copy, original]
             x.update(dict(zip(('cpp_copy', 'cpp_ref'), x.pop('cepstral_peak', []))))
-        keys = [k for k in ('error_hift', 'error', 'ref_error', 'mel_l1', 'cpp_copy', 'cpp_ref') if k in r[0]]
+        keys = [k for k in ('error_hift', 'error', 'ref_error', 'mel_l1', 'cpp_copy', 'cpp_ref',
+                            'error_griffin_lim', 'error_griffin_lim_ref', 'reader_error_in', 'reader_error_out')
+                if k in r[0]]
         mean = lambda k: sum(x[k] for x in r) / len(r)
         print(f'{lang}: n={len(r)} ' + ' '.join(f'{k}={mean(k):.4f}' for k in keys))"
     ;;

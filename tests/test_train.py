@@ -1247,6 +1247,34 @@ def test_tokenizer_local_head_and_phoneme_units():
     assert set(zh) & set("↗↘→↓") and not set(zh) & set(" ，。,.")
 
 
+def test_probe_reread_identity():
+    """probe --reader: audio rendered as the recording itself loses nothing, so the tokens read back from
+    it (``out``) read exactly as the recording's own (``in``), given as tokens or as audio."""
+    from types import SimpleNamespace
+
+    from cosyvoice2.audio import resample
+    from cosyvoice2.config import RATES
+    from cosyvoice2.default_model import default_model_dir
+    from cosyvoice2.train.probe import _reread
+
+    model = default_model_dir()
+    args = SimpleNamespace(
+        reader=str(model / "phoneme_reader.safetensors"),
+        speech_tokenizer=str(model / "speech_tokenizer.safetensors"),
+    )
+    t = np.arange(int(1.5 * RATES.sample_rate)) / RATES.sample_rate
+    wav = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    utt = SimpleNamespace(text="hello world", language="en")
+    row = _reread(args, wav, None, utt, wav)
+    assert row["reader_error_in"] == row["reader_error_out"] and row["reader_units"] > 0
+    from cosyvoice2.train.export import network_from_run
+
+    tokens = network_from_run("speech_tokenizer", args.speech_tokenizer).tokens(
+        torch.from_numpy(resample(wav, RATES.sample_rate, 16000))
+    )
+    assert _reread(args, wav, tokens, utt) == row
+
+
 def test_phoneme_reader_round_trip(tmp_path):
     """PhonemeReader: the ASR head of a tokenizer run, saved alone (fp16 weights, configs and vocabulary in
     the metadata), reads codes as the head in the run does; its error counts edits against the units."""

@@ -14,7 +14,9 @@ per utterance goes to stdout:
   cepstral peak prominence (pitch harmonics: ~0 for a vocoder whose source is silent) of copy and original.
 * ``flow``: the utterance's speech tokens + its speaker embedding through the flow (offline, no prompt);
   mean |mel - reference mel|; Whisper's error rate on the mel through Griffin-Lim (no vocoder weights) and,
-  with ``--hift``, through that vocoder.
+  with ``--hift``, through that vocoder. With ``--reader``, the phoneme error of the input tokens and of
+  the rendered audio tokenised again (the same for ``hift``: the recording's tokens and its copy's): what
+  the network loses of what its input says, in the tokenizer's own terms.
 * ``lm``: teacher-forced next-token accuracy on the speech tokens (uni-stream layout); free-running
   top-1 decoding from the text: the share of reference tokens reproduced position by position and the
   length ratio; the head that follows the text best (``align_corr``: correlation of each speech
@@ -112,6 +114,7 @@ def probe_hift(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         "f0_unvoiced_pred": round(float(f0[~voiced].mean()), 1),
         "cepstral_peak": [round(cepstral_peak(out), 4), round(cepstral_peak(wav), 4)],
         "_audio": out,
+        **(_reread(args, out, None, utt, wav) if args.reader else {}),
     }
 
 
@@ -162,6 +165,29 @@ def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
         row["_audio"] = out
     else:
         row["_audio"] = gl
+    if args.reader:  # the flow's audio tokenised again and read back as phonemes, beside its input tokens
+        row.update(_reread(args, row["_audio"], tokens[0], utt))
+    return row
+
+
+def _reread(args, audio: np.ndarray, tokens: Tensor | None, utt: Utt, wav: np.ndarray | None = None) -> dict:
+    """Phoneme error of the input tokens (or of ``wav``'s, tokenised) and of the audio's own tokens
+    (``--speech-tokenizer``), both read by ``--reader``: a network that renders what its input says keeps
+    the second near the first, so the gap is what it loses and the first is what the tokens lose."""
+    reader = _reader(args.reader)
+    tokenizer = network_from_run("speech_tokenizer", args.speech_tokenizer)
+
+    def tokenise(x: np.ndarray) -> Tensor:
+        return tokenizer.tokens(torch.from_numpy(resample(x, RATES.sample_rate, 16000)))
+
+    again = tokenise(audio)
+    if tokens is None:
+        tokens = tokenise(wav)
+    row = {}
+    for name, codes in (("in", tokens), ("out", again)):
+        edits, units = reader.error(codes, utt.text, utt.language)
+        row[f"reader_error_{name}"] = round(edits / max(units, 1), 4)
+    row["reader_units"] = units
     return row
 
 
@@ -308,7 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         "--reader",
         default="",
         help="lm probe: a PhonemeReader (default_model/phoneme_reader.safetensors) reads the reference "
-        "tokens and tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled",
+        "tokens and tokens sampled from the text back as phonemes: reader_error_ref / reader_error_sampled; "
+        "flow probe: it reads the input tokens and the tokens of the flow's audio (--speech-tokenizer): "
+        "reader_error_in / reader_error_out; hift probe: the same for the recording and its copy-synthesis",
+    )
+    ap.add_argument(
+        "--speech-tokenizer",
+        default="src/cosyvoice2/assets/default_model/speech_tokenizer.safetensors",
+        help="flow probe with --reader: the tokenizer that tokenises the flow's audio again",
     )
     ap.add_argument("--seed", type=int, default=0, help="lm probe: sampling seed")
     ap.add_argument("--top-k", type=int, default=None, help="lm probe: sampling top_k (default: model.s)")
