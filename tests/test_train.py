@@ -229,6 +229,24 @@ def test_hift_reference_source_and_f0_learning_rate():
         HiftTrainConfig(source_f0="oracle")
 
 
+def test_f0_l1_weights_voiced_frames():
+    """f0_voiced_weight 1 is the plain L1; a larger weight makes calling a voiced frame unvoiced (0 Hz)
+    cost more than the same error on an unvoiced frame."""
+    import torch.nn.functional as F
+
+    from cosyvoice2.train.hift import HiftTrainConfig, f0_l1
+
+    ref = torch.tensor([[0.0, 0.0, 0.0, 120.0]])
+    silent = torch.zeros(1, 4)  # the voiced frame called unvoiced: 120 Hz off
+    buzzy = torch.tensor([[120.0, 0.0, 0.0, 120.0]])  # an unvoiced frame called voiced: 120 Hz off
+    assert torch.equal(f0_l1(silent, ref), F.l1_loss(silent, ref))
+    assert f0_l1(silent, ref) == f0_l1(buzzy, ref)
+    assert f0_l1(silent, ref, 3.0) > f0_l1(buzzy, ref, 3.0)
+    assert torch.isclose(f0_l1(silent, ref, 3.0), torch.tensor(360.0 / 6))
+    with pytest.raises(ValueError, match="f0_voiced_weight"):
+        HiftTrainConfig(f0_voiced_weight=0.0)
+
+
 def test_cepstral_peak_sees_harmonics():
     from cosyvoice2.train.probe import cepstral_peak
 
