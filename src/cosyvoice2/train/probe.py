@@ -174,18 +174,25 @@ def _reread(args, audio: np.ndarray, tokens: Tensor | None, utt: Utt, wav: np.nd
     """Phoneme error of the input tokens (or of ``wav``'s, tokenised) and of the audio's own tokens
     (``--speech-tokenizer``), both read by ``--reader``: a network that renders what its input says keeps
     the second near the first, so the gap is what it loses and the first is what the tokens lose."""
-    reader = _reader(args.reader)
-    tokenizer = network_from_run("speech_tokenizer", args.speech_tokenizer)
+    from ..default_model import default_model_dir
+
+    path = args.speech_tokenizer or str(default_model_dir() / "speech_tokenizer.safetensors")
+    tokenizer = network_from_run("speech_tokenizer", path)
 
     def tokenise(x: np.ndarray) -> Tensor:
         return tokenizer.tokens(torch.from_numpy(resample(x, RATES.sample_rate, 16000)))
 
-    again = tokenise(audio)
-    if tokens is None:
-        tokens = tokenise(wav)
+    return _read_errors(
+        args.reader, utt, **{"in": tokenise(wav) if tokens is None else tokens, "out": tokenise(audio)}
+    )
+
+
+def _read_errors(reader_path: str, utt: Utt, **codes: Tensor | list[int]) -> dict:
+    """``reader_error_<name>``: the phoneme error of each named code sequence against the text."""
+    reader = _reader(reader_path)
     row = {}
-    for name, codes in (("in", tokens), ("out", again)):
-        edits, units = reader.error(codes, utt.text, utt.language)
+    for name, seq in codes.items():
+        edits, units = reader.error(seq, utt.text, utt.language)
         row[f"reader_error_{name}"] = round(edits / max(units, 1), 4)
     row["reader_units"] = units
     return row
@@ -222,13 +229,9 @@ def probe_lm(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
     best = max(range(len(heads)), key=lambda i: heads[i][1])
     read = {}
     if args.reader:  # what the tokens say, read back by the tokenizer's CTC head: reference vs sampled
-        reader = _reader(args.reader)
         with torch.inference_mode():
             sampled = list(net.generate(text, generator=torch.Generator().manual_seed(args.seed)))
-        for name, codes in (("ref", speech), ("sampled", sampled)):
-            edits, units = reader.error(codes, utt.text, utt.language)
-            read[f"reader_error_{name}"] = round(edits / max(units, 1), 4)
-        read["reader_units"] = units
+        read = _read_errors(args.reader, utt, ref=speech, sampled=sampled)
         read["sampled_length_ratio"] = round(len(sampled) / len(speech), 3)
     return {
         "teacher_forced_acc": round(tf["acc"], 4),
@@ -340,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--speech-tokenizer",
-        default="src/cosyvoice2/assets/default_model/speech_tokenizer.safetensors",
-        help="flow probe with --reader: the tokenizer that tokenises the flow's audio again",
+        default="",
+        help="flow / hift probe with --reader: the tokenizer that tokenises the output audio again "
+        "(default: the shipped default model's)",
     )
     ap.add_argument("--seed", type=int, default=0, help="lm probe: sampling seed")
     ap.add_argument("--top-k", type=int, default=None, help="lm probe: sampling top_k (default: model.s)")
