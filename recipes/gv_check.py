@@ -20,8 +20,7 @@ import torch
 
 from cosyvoice2.config import RATES
 from cosyvoice2.train.data import load_wav, read_manifest
-from cosyvoice2.train.export import network_from_run
-from cosyvoice2.train.probe import _features, _Listener, _mel
+from cosyvoice2.train.probe import _Listener, _mel, flow_mel, network_from_run
 
 M = "src/cosyvoice2/assets/default_model"
 
@@ -39,20 +38,9 @@ def main() -> None:
     ids = [i for group in itertools.zip_longest(*by_speaker.values()) for i in group if i][:n]
     flow, voc = network_from_run("flow", flow_run), network_from_run("hift", f"{M}/hift.safetensors")
     listen = _Listener(1)
-    tokens, embeddings = _features("exp/cache_big", "tokens"), _features("exp/cache_big", "embeddings")
     for utt in read_manifest(corpus, None, ids=ids):
-        wav = load_wav(utt, RATES.sample_rate)
-        ref = _mel(wav)  # [M, T]
-        with torch.no_grad():
-            torch.manual_seed(0)  # as probe_flow: the same sampled mel
-            mel = flow.inference(
-                tokens[utt.id].long()[None],
-                torch.zeros(1, 0, dtype=torch.long),
-                torch.zeros(1, 0, ref.shape[0]),
-                embeddings[utt.id].float()[None],
-                streaming=False,
-                finalize=True,
-            )  # [1, M, T]
+        ref = _mel(load_wav(utt, RATES.sample_rate))  # [M, T]
+        mel = flow_mel(flow, "exp/cache_big", utt.id)  # [1, M, T], as probe_flow renders it
         t = min(mel.shape[2], ref.shape[1])
         ratio = mel[0, :, :t].std(1).mean() / ref[:, :t].std(1).mean()
         row = {"id": utt.id, "std_ratio": round(float(ratio), 4)}

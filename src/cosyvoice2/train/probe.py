@@ -139,17 +139,24 @@ def _flow_for_probe(args):
     return net
 
 
-def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
-    net = _flow_for_probe(args)
-    tokens = _features(args.cache, "tokens")[utt.id].long()[None]
-    emb = _features(args.cache, "embeddings")[utt.id].float()[None]
-    ref = _mel(wav)
+def flow_mel(net, cache: str, utt_id: str) -> Tensor:
+    """The flow's offline mel [1, M, T] of a corpus row's cached tokens and speaker embedding, with no
+    prompt and seed 0: what gate (b)'s rows (``session.sh rank``) render."""
+    tokens = _features(cache, "tokens")[utt_id].long()[None]
+    emb = _features(cache, "embeddings")[utt_id].float()[None]
     with torch.no_grad():
         torch.manual_seed(0)
         empty = torch.zeros(1, 0, dtype=torch.long)
-        mel = net.inference(
-            tokens, empty, torch.zeros(1, 0, ref.shape[0]), emb, streaming=False, finalize=True
+        return net.inference(
+            tokens, empty, torch.zeros(1, 0, net.cfg.n_mels), emb, streaming=False, finalize=True
         )
+
+
+def probe_flow(args, utt: Utt, wav: np.ndarray, listen: _Listener) -> dict:
+    net = _flow_for_probe(args)
+    tokens = _features(args.cache, "tokens")[utt.id].long()[None]
+    ref = _mel(wav)
+    mel = flow_mel(net, args.cache, utt.id)
     n = min(mel.shape[2], ref.shape[1])
     row = {"mel_l1": round(float((mel[0, :, :n] - ref[:, :n]).abs().mean()), 4)}
     gl = None
