@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from cosyvoice2.speech_tokenizer import FSQ, SpeechTokenizerConfig
-from cosyvoice2.train.tokenizer import BLANK, AsrConfig, AsrHead, asr_units, build_vocab, encode_chars
+from cosyvoice2.train.tokenizer import (
+    BLANK,
+    AsrConfig,
+    AsrHead,
+    asr_units,
+    build_vocab,
+    encode_chars,
+    greedy_error,
+)
 
 
 def load_rows(corpus: Path, cache: Path) -> tuple[list[dict], list[dict]]:
@@ -56,21 +64,18 @@ def batch(rows: list[dict], fsq: FSQ, index: dict[str, int]) -> dict[str, torch.
 
 
 @torch.no_grad()
-def evaluate(head: AsrHead, rows: list[dict], fsq: FSQ, index: dict[str, int], vocab: list[str]) -> dict:
-    from cosyvoice2.evaluate import align
-
+def evaluate(head: AsrHead, rows: list[dict], fsq: FSQ, index: dict[str, int]) -> dict:
+    """Greedy CTC phoneme error per language (edits over all rows), as the tokenizer trainer reads dev."""
     head.eval()
-    per: dict[str, list[int]] = {}
+    per: dict[str, list[float]] = {}
     for i in range(0, len(rows), 16):
-        chunk = rows[i : i + 16]
-        b = batch(chunk, fsq, index)
-        best = head(b["q"], b["lens"]).argmax(-1)
-        for j, r in enumerate(chunk):
-            hyp = [vocab[t] for t in torch.unique_consecutive(best[j, : b["lens"][j]]).tolist() if t != BLANK]
-            e = align(list(r["units"]), hyp).edits
-            acc = per.setdefault(r["language"], [0, 0])
-            acc[0] += e
-            acc[1] += len(r["units"])
+        for lang in {r["language"] for r in rows[i : i + 16]}:
+            b = batch([r for r in rows[i : i + 16] if r["language"] == lang], fsq, index)
+            units = int(b["text_lens"].sum())
+            logp = head(b["q"], b["lens"]).float().log_softmax(-1)
+            acc = per.setdefault(lang, [0.0, 0])
+            acc[0] += greedy_error(logp, b["lens"], b["text"], b["text_lens"]) * units
+            acc[1] += units
     head.train()
     out = {lang: round(e / max(t, 1), 4) for lang, (e, t) in sorted(per.items())}
     out["all"] = round(sum(e for e, _ in per.values()) / max(1, sum(t for _, t in per.values())), 4)
@@ -127,8 +132,8 @@ def main() -> None:
                 "loss": round(loss.item(), 3),
                 "minutes": round((time.monotonic() - start) / 60, 1),
             }
-            print(json.dumps(row | evaluate(head, held, fsq, index, vocab)), flush=True)
-    print(json.dumps({"step": step, "final": True} | evaluate(head, held, fsq, index, vocab)), flush=True)
+            print(json.dumps(row | evaluate(head, held, fsq, index)), flush=True)
+    print(json.dumps({"step": step, "final": True} | evaluate(head, held, fsq, index)), flush=True)
 
 
 if __name__ == "__main__":
