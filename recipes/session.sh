@@ -15,6 +15,9 @@
 #                                         the LM from the shipped LM on recipes/lm_data, and the flow from
 #                                         the shipped flow on snapshot data/SNAP (default cb); exp/sMMDD/;
 #                                         TOKCACHE=DIR: both on the snapshot with DIR's tokens (a new tokenizer);
+#                                         the LM can keep the old codes' hours as a second codebook:
+#                                         LMSET='lm.aux_corpus="recipes/lm_data" lm.aux_cache="recipes/lm_data"
+#                                         train.init_from="exp/lm_map/lm.safetensors"' (recipes/codebook_map.py)
 #                                         LMUNITS=UNITS: the LM on a new BPE over those text units;
 #                                         NETS="lm" (or "flow"): only those; LMSET="k=v ...": extra --set for the LM
 #                                         (FLOWSET likewise for the flow, e.g. "train.lr=5e-4");

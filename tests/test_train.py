@@ -610,6 +610,69 @@ def test_lm_input_noise():
     assert not torch.allclose(a, b) and torch.allclose(uniform.eval()(two)["loss"], plain)
 
 
+def test_lm_aux_codebook():
+    """[lm] aux_corpus: rows of the second codebook go through the objective's aux speech tables and share
+    the rest; the loss is the token-weighted mean of the two sub-batches; the network's own tables are back
+    in place afterwards, and only aux rows train the aux tables."""
+    from cosyvoice2.train.lm import LMObjective, LmTrainConfig
+
+    torch.manual_seed(0)
+    cfg = LMConfig(
+        vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, speech_token_size=30, mix_ratio=(2, 6),
+    )  # fmt: skip
+    obj = LMObjective(cfg, 0.0, LmTrainConfig(aux_corpus="c", aux_cache="c")).eval()
+    net = obj.net
+    own = net.speech_embedding, net.speech_head
+    text, speech = torch.randint(0, 40, (2, 5)), torch.randint(0, 30, (2, 20))
+    batch = {
+        "text": text,
+        "text_lens": torch.tensor([5, 4]),
+        "speech": speech,
+        "speech_lens": torch.tensor([20, 17]),
+        "codebook": torch.tensor([0, 1]),
+    }
+    out = obj(batch)
+    assert (net.speech_embedding, net.speech_head) == own
+    a = net.forward_train(text[:1], torch.tensor([5]), speech[:1], torch.tensor([20]), 0.0)
+    net.speech_embedding, net.speech_head = obj.aux_speech_embedding, obj.aux_speech_head
+    b = net.forward_train(text[1:], torch.tensor([4]), speech[1:, :17], torch.tensor([17]), 0.0)
+    net.speech_embedding, net.speech_head = own
+    n = a["n_tokens"] + b["n_tokens"]
+    assert torch.allclose(out["loss"], (a["loss"] * a["n_tokens"] + b["loss"] * b["n_tokens"]) / n)
+    assert float(out["aux_tokens"]) == float(b["n_tokens"] / n)
+    assert not torch.allclose(a["loss"], b["loss"])  # the two tables differ
+    obj.train()({k: v[:1] for k, v in batch.items()})[
+        "loss"
+    ].backward()  # a batch of the model's codebook alone
+    assert obj.aux_speech_embedding.weight.grad is None and net.speech_embedding.weight.grad is not None
+
+
+def test_codebook_map_relabels_and_mixes():
+    """map_tables: a new codebook that relabels the old one gets the old rows, relabelled, bias unchanged;
+    a new code that splits an old one gets log P(new | old) on its bias; unseen codes get the mean row."""
+    from cosyvoice2.train.lm import map_tables, pair_counts
+
+    perm = torch.tensor([2, 0, 3, 1, 4])
+    old = {"u": torch.tensor([0, 1, 2, 2, 3, 0]), "v": torch.tensor([3, 1])}
+    new = {"u": perm[old["u"]], "v": perm[old["v"]], "w": torch.tensor([1])}  # w: not in both
+    counts = pair_counts(old, new, 5)
+    assert counts.sum() == 8 and counts[0, 2] == 2
+    emb, w, bias = torch.randn(7, 3), torch.randn(7, 3), torch.randn(7)  # 5 codes + 2 stop rows
+    e2, w2, b2 = map_tables(emb, w, bias, counts)
+    for i in range(4):
+        j = int(perm[i])
+        assert torch.allclose(e2[j], emb[i]) and torch.allclose(w2[j], w[i]) and torch.isclose(b2[j], bias[i])
+    assert torch.equal(e2[5:], emb[5:]) and torch.equal(b2[5:], bias[5:])
+    assert torch.allclose(e2[4], emb[:5].mean(0)) and b2[4] == b2[:4].min()  # code 4 never occurs
+    # old code 0 split evenly into new codes 0 and 1
+    counts = torch.zeros(5, 5, dtype=torch.float64)
+    counts[0, 0] = counts[0, 1] = 3
+    counts[1, 2] = counts[2, 3] = counts[3, 4] = 1
+    _, _, b3 = map_tables(emb, w, bias, counts)
+    assert torch.allclose(b3[:2], bias[0] + torch.tensor(0.5).log())
+
+
 def test_sigterm_saves_and_stops(tmp_path):
     """``kill`` (SIGTERM) ends a run after the current step with a checkpoint of that step and exit code 0,
     as the time budget does: stopping a background run at a session's end loses no steps."""

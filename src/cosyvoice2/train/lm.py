@@ -20,6 +20,7 @@ size), ``[lm]`` (``LmTrainConfig``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,6 +43,7 @@ from .common import Dist, Task, TrainConfig, barrier, checkpoint_config, latest_
 from .data import FeatureCache, Utt, UttDataset, pad_1d, read_manifest
 
 TOKENIZER_SUBDIR = "text_tokenizer"
+AUX = "aux:"  # id prefix of LmTrainConfig.aux_corpus's utterances
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,15 @@ class LmTrainConfig:
     # Keep the prompt's speech ids free of ``input_noise``: at inference they are the voice's real tokens,
     # and noised like the rest they teach the LM that the prompt's speech says little about what follows.
     prompt_clean: bool = False
+    # A second speech codebook beside the model's (training only): utterances of ``aux_corpus`` with the
+    # tokens of ``aux_cache`` (another tokenizer's codes, e.g. the one the LM was trained on before) go
+    # through their own speech embedding and head (``aux_speech_*`` on the objective, not exported) and
+    # share everything else. Why: a new tokenizer's codes exist only for the audio on hand (a few hours),
+    # while the old codes cover every hour the LM has seen; the shared transformer keeps learning text to
+    # speech from all of them while the model's own tables learn the new codes. Single process only (the
+    # unused table of a batch would stall DDP's gradient reduction).
+    aux_corpus: str = ""
+    aux_cache: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,8 +271,53 @@ class LMObjective(nn.Module):
         self.net = CosyVoice2LM(cfg)
         self.bistream_prob = bistream_prob
         self.lm_cfg = lm_cfg or LmTrainConfig()
+        # LmTrainConfig.aux_corpus: the second codebook's tables, shaped like the model's
+        self.aux_speech_embedding: nn.Embedding | None = None
+        self.aux_speech_head: nn.Linear | None = None
+        if self.lm_cfg.aux_corpus:
+            self.aux_speech_embedding = nn.Embedding(cfg.speech_vocab, cfg.hidden_size)
+            self.aux_speech_head = nn.Linear(cfg.hidden_size, cfg.speech_vocab, bias=True)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean loss over the predicted positions of the batch. Rows with ``batch["codebook"]`` 1 use the
+        auxiliary speech tables: each codebook's rows run as their own sub-batch (the layouts and losses
+        are per example, so the combined mean weights each row as one batch would)."""
+        book = batch.get("codebook")
+        if self.aux_speech_embedding is None or book is None:
+            return self._forward(batch)
+        if not bool(book.any()):  # the log averages every key over every step: keep aux_tokens in it
+            return {**self._forward(batch), "aux_tokens": torch.zeros(())}
+        outs = []
+        for aux in (False, True):
+            rows = book.bool() if aux else ~book.bool()
+            if not bool(rows.any()):
+                continue
+            sub = {k: v[rows] for k, v in batch.items()}
+            with self._tables(aux):
+                outs.append(self._forward(sub))
+        n = sum(o["n_tokens"] for o in outs)
+        total = {"n_tokens": n}
+        for k in ("loss", "acc", "ce", "ga"):
+            if k in outs[0]:
+                total[k] = sum(o[k] * o["n_tokens"] for o in outs) / n
+        total["aux_tokens"] = (outs[-1]["n_tokens"] / n).detach().float()
+        return total
+
+    @contextlib.contextmanager
+    def _tables(self, aux: bool):
+        """The network's speech embedding and head swapped for the auxiliary codebook's while inside."""
+        if not aux:
+            yield
+            return
+        net = self.net
+        own = net.speech_embedding, net.speech_head
+        net.speech_embedding, net.speech_head = self.aux_speech_embedding, self.aux_speech_head
+        try:
+            yield
+        finally:
+            net.speech_embedding, net.speech_head = own
+
+    def _forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         guided = self.training and self.lm_cfg.guided_attention > 0
         seen: list[tuple[Attention, Tensor, Any]] = []
         hooks = []
@@ -312,6 +368,7 @@ def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         "speech": speech,
         "speech_lens": speech_lens,
         "prompt_lens": prompt,
+        "codebook": torch.tensor([int(it.get("codebook", 0)) for it in items]),  # [B] 1: the aux codebook
     }
 
 
@@ -350,6 +407,55 @@ def prompt_partners(
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# A new tokenizer's codebook from the old one's (recipes/codebook_map.py; LmTrainConfig.aux_corpus)
+# --------------------------------------------------------------------------------------------------
+
+
+def pair_counts(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codes: int) -> torch.Tensor:
+    """C [codes, codes]: frames with old code i and new code j, over the utterances both caches hold."""
+    pairs = []
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k].long().flatten(), new[k].long().flatten()
+        if len(a) != len(b):
+            raise SystemExit(f"{k}: {len(a)} old codes but {len(b)} new ones (not the same frames)")
+        pairs.append(a * codes + b)
+    if not pairs:
+        raise SystemExit("the two caches share no utterance")
+    return torch.bincount(torch.cat(pairs), minlength=codes * codes).double().view(codes, codes)
+
+
+def map_tables(
+    emb: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The new codebook's (embedding [V, D], head weight [V, D], head bias [V]) from the old's and
+    C [K, K] (K codes; V >= K: rows from K on are stop ids, copied)."""
+    k = counts.shape[0]
+    seen = counts.sum(0) > 0  # new codes that occur
+    p_old_given_new = counts / counts.sum(0, keepdim=True).clamp_min(1)  # [old, new], columns sum to 1
+    p_new_given_old = counts / counts.sum(1, keepdim=True).clamp_min(1)  # rows sum to 1
+    mix = p_old_given_new.T.float()  # [new, old]
+    e, w, b = emb.clone().float(), head_w.clone().float(), head_b.clone().float()
+    e[:k], w[:k] = mix @ emb[:k].float(), mix @ head_w[:k].float()
+    log_p = torch.where(counts > 0, p_new_given_old.clamp_min(1e-12).log(), torch.zeros_like(counts))
+    b[:k] = mix @ head_b[:k].float() + (p_old_given_new * log_p).sum(0).float()
+    e[:k][~seen] = emb[:k].float().mean(0)
+    w[:k][~seen] = head_w[:k].float().mean(0)
+    b[:k][~seen] = b[:k][seen].min()
+    return e, w, b
+
+
+def _has_aux_tables(path: str) -> bool:
+    if not path or not Path(path).is_file():
+        return False
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return "aux_speech_embedding.weight" in f.keys()
+    return "aux_speech_embedding.weight" in torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     lm_cfg = config_from_dict(LmTrainConfig, recipe.get("lm", {}), "[lm]")
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
@@ -362,6 +468,33 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     speech = FeatureCache(cfg.cache, "tokens").load()
     utts, text_ids = lm_items(utts, tok, speech)
     partners = prompt_partners(utts, lm_cfg.prompt_pairs, tuple(lm_cfg.prompt_seconds), cfg.seed)
+    if bool(lm_cfg.aux_corpus) != bool(lm_cfg.aux_cache):
+        raise ValueError("[lm] aux_corpus and aux_cache go together")
+    if lm_cfg.aux_corpus:
+        if d.distributed:
+            raise ValueError("[lm] aux_corpus trains in a single process (run without torchrun)")
+        if latest_checkpoint(cfg.out_dir) is None and not _has_aux_tables(cfg.init_from):
+            # fresh aux tables would teach the shared transformer noise
+            raise ValueError(
+                f"[lm] aux_corpus needs train.init_from with aux_speech_* tensors ({cfg.init_from or 'none'}"
+                " has none): make one with recipes/codebook_map.py"
+            )
+        # The aux rows' ids get a prefix: the same utterance may be in both sets, with different codes.
+        aux_speech = {AUX + k: v for k, v in FeatureCache(lm_cfg.aux_cache, "tokens").load().items()}
+        aux_utts = [
+            dataclasses.replace(u, id=AUX + u.id)
+            for u in read_manifest(lm_cfg.aux_corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds)
+        ]
+        aux_utts, aux_text = lm_items(aux_utts, tok, aux_speech)
+        # prompts come from the same codebook: one sequence never mixes the two
+        partners.update(
+            prompt_partners(aux_utts, lm_cfg.prompt_pairs, tuple(lm_cfg.prompt_seconds), cfg.seed)
+        )
+        speech.update(aux_speech)
+        text_ids.update(aux_text)
+        if d.is_main:
+            print(f"[lm] {len(utts)} utterances in the model's codebook, {len(aux_utts)} in the aux codebook")
+        utts = utts + aux_utts
     if partners and d.is_main:
         print(f"[lm] {len(partners)} of {len(utts)} utterances train after a prompt of the same speaker")
 
@@ -372,7 +505,12 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
             p = rng.choice(partners[utt.id])
             prompt_len = len(speech[p.id])
             text, tokens = torch.cat([text_ids[p.id], text]), torch.cat([speech[p.id].long(), tokens])
-        return {"text": text, "speech": tokens, "prompt_len": torch.tensor(prompt_len)}
+        return {
+            "text": text,
+            "speech": tokens,
+            "prompt_len": torch.tensor(prompt_len),
+            "codebook": torch.tensor(int(utt.id.startswith(AUX))),
+        }
 
     def length(u: Utt) -> float:  # the batch sizer's view: a paired utterance counts its mean prompt
         cands = partners.get(u.id)
