@@ -43,14 +43,17 @@ def main() -> None:
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
         meta = f.metadata() or {}
     codes = int(json.loads(meta["config"])["speech_token_size"]) if "config" in meta else 6561
-    old, new = FeatureCache(args.old, "tokens").load(), FeatureCache(args.new, "tokens").load()
-    counts = pair_counts(old, new, codes)
+    try:
+        old, new = FeatureCache(args.old, "tokens").load(), FeatureCache(args.new, "tokens").load()
+        counts = pair_counts(old, new, codes)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"codebook_map: {e}") from None
     e, w, b = map_tables(
         tensors["speech_embedding.weight"], tensors["speech_head.weight"], tensors["speech_head.bias"], counts
     )
-    for name, old in (("speech_embedding.weight", e), ("speech_head.weight", w), ("speech_head.bias", b)):
+    for name, mapped in (("speech_embedding.weight", e), ("speech_head.weight", w), ("speech_head.bias", b)):
         tensors["aux_" + name] = tensors[name]
-        tensors[name] = old
+        tensors[name] = mapped
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

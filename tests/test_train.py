@@ -987,6 +987,10 @@ def test_warm_start_copies_matching_tensors(tmp_path):
     assert not torch.equal(fresh[0].weight, old[0].weight) and torch.equal(fresh[1].weight, old[1].weight)
     with pytest.raises(FileNotFoundError):
         warm_start(tmp_path / "missing", model=new)
+    # required: a tensor the source cannot fill (here the new output layer's) stops the run, with the hint
+    assert warm_start(tmp_path, (), {"0.": "hint"}, model=new) == (2, 4)
+    with pytest.raises(ValueError, match=r"holds no 1\.weight .*: make it so"):
+        warm_start(tmp_path, (), {"1.": "make it so"}, model=new)
 
 
 def test_grown_encoder_starts_as_the_original(tmp_path):

@@ -372,12 +372,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
-def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Module) -> tuple[int, int]:
+def warm_start(
+    source: str | Path,
+    exclude: Sequence[str] = (),
+    required: Mapping[str, str] | None = None,
+    **modules: nn.Module,
+) -> tuple[int, int]:
     """Copy into each of ``modules`` the weights that ``source`` (a checkpoint, or a run folder's latest)
     holds under the same keyword ("model", "disc", ...) with matching names and shapes; the rest keep
     their initialisation. An exported ``.safetensors`` network counts as the "model" entry, so a fresh
     machine can continue from what git holds. Names containing a string of ``exclude`` are not copied.
-    Returns (tensors copied, tensors in the modules)."""
+    ``required`` ({name part: what to do}, see ``Task.init_required``): a tensor whose name contains one of
+    these that the source does not fill is an error. Returns (tensors copied, tensors in the modules)."""
     path = Path(source)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -416,6 +422,9 @@ def warm_start(source: str | Path, exclude: Sequence[str] = (), **modules: nn.Mo
                 f"initialisation: {', '.join(kept[:3])}{more}",
                 file=sys.stderr,
             )
+        for part, hint in (required or {}).items():
+            if missing := [k for k in mine if part in k and k not in take]:
+                raise ValueError(f"{path} holds no {missing[0]} (which this run must start from): {hint}")
     return copied, total
 
 
@@ -534,6 +543,9 @@ class Task:
     config: dict[str, Any]  # stored in checkpoints: {"model": ..., "train": ..., anything else}
     dev_dataset: Any = None
     dev_lengths: Sequence[float] = ()
+    # {name part: what to do}: tensors that a fresh run must take from train.init_from (e.g. an LM's
+    # second codebook), where a random initialisation would train the rest on noise
+    init_required: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -601,7 +613,7 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
         if d.is_main:
             print(f"[{task.name}] resumed from {ckpt_path} at step {step}", file=sys.stderr)
     elif cfg.init_from:
-        n, total = warm_start(cfg.init_from, cfg.init_exclude, model=model)
+        n, total = warm_start(cfg.init_from, cfg.init_exclude, task.init_required, model=model)
         zeroed = zero_matching(model, cfg.init_zero)
         if d.is_main:
             print(f"[{task.name}] started from {cfg.init_from}: {n} of {total} tensors", file=sys.stderr)
@@ -609,6 +621,8 @@ def fit(task: Task, cfg: TrainConfig, d: Dist, resume_from: str | Path | None = 
                 print(
                     f"[{task.name}] zeroed {zeroed} tensors matching {list(cfg.init_zero)}", file=sys.stderr
                 )
+    elif task.init_required:
+        raise ValueError(f"[{task.name}] needs train.init_from: {', '.join(task.init_required.values())}")
     ema = None
     if cfg.ema_decay > 0 and d.is_main:  # every rank holds the same weights: one average is enough
         ema = WeightEMA(model, cfg.ema_decay, ckpt.get("ema") if ckpt_path is not None else None)

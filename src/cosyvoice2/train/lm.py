@@ -418,10 +418,10 @@ def pair_counts(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], code
     for k in sorted(set(old) & set(new)):
         a, b = old[k].long().flatten(), new[k].long().flatten()
         if len(a) != len(b):
-            raise SystemExit(f"{k}: {len(a)} old codes but {len(b)} new ones (not the same frames)")
+            raise ValueError(f"{k}: {len(a)} old codes but {len(b)} new ones (not the same frames)")
         pairs.append(a * codes + b)
     if not pairs:
-        raise SystemExit("the two caches share no utterance")
+        raise ValueError("the two caches share no utterance")
     return torch.bincount(torch.cat(pairs), minlength=codes * codes).double().view(codes, codes)
 
 
@@ -445,17 +445,6 @@ def map_tables(
     return e, w, b
 
 
-def _has_aux_tables(path: str) -> bool:
-    if not path or not Path(path).is_file():
-        return False
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            return "aux_speech_embedding.weight" in f.keys()
-    return "aux_speech_embedding.weight" in torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
 def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     lm_cfg = config_from_dict(LmTrainConfig, recipe.get("lm", {}), "[lm]")
     utts = read_manifest(cfg.corpus, cfg.splits, cfg.min_seconds, cfg.max_seconds, cfg.utts)
@@ -473,12 +462,6 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
     if lm_cfg.aux_corpus:
         if d.distributed:
             raise ValueError("[lm] aux_corpus trains in a single process (run without torchrun)")
-        if latest_checkpoint(cfg.out_dir) is None and not _has_aux_tables(cfg.init_from):
-            # fresh aux tables would teach the shared transformer noise
-            raise ValueError(
-                f"[lm] aux_corpus needs train.init_from with aux_speech_* tensors ({cfg.init_from or 'none'}"
-                " has none): make one with recipes/codebook_map.py"
-            )
         # The aux rows' ids get a prefix: the same utterance may be in both sets, with different codes.
         aux_speech = {AUX + k: v for k, v in FeatureCache(lm_cfg.aux_cache, "tokens").load().items()}
         aux_utts = [
@@ -534,6 +517,10 @@ def build_task(recipe: dict[str, Any], cfg: TrainConfig, d: Dist) -> Task:
         config=checkpoint_config(model_cfg, cfg, lm=dataclasses.asdict(lm_cfg)),
         dev_dataset=UttDataset(dev_utts, load) if dev_utts else None,
         dev_lengths=[u.duration for u in dev_utts],
+        # fresh aux tables would teach the shared transformer noise
+        init_required={"aux_speech_": "for [lm] aux_corpus, make one with recipes/codebook_map.py"}
+        if lm_cfg.aux_corpus
+        else {},
     )
 
 
